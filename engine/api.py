@@ -1,0 +1,180 @@
+"""The Detector contract, the data containers it works on, and the project's errors.
+
+Shapes used throughout:
+    N images, 3 colour channels, H x W pixels (the working image size).
+    ImageSet.images  (N, 3, H, W) uint8 RGB
+    ImageSet.masks   (N, H, W) uint8 in {0, 1}
+    Prediction.scores (N,) float32, higher = more anomalous
+    Prediction.maps   (N, H, W) float32, finite, or None for methods without localisation
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+class AdlabError(Exception):
+    """Base of every error the engine raises on purpose (shown to users as a message)."""
+
+
+class NotFittedError(AdlabError):
+    """predict/save called before fit."""
+
+
+class ConfigError(AdlabError):
+    """A parameter or option is invalid (unknown method, bad value, missing labelled set)."""
+
+
+class WeightsError(AdlabError):
+    """Backbone weights cannot be found or do not match the architecture."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation problem: which file, what is wrong, what to do."""
+
+    path: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        s = f"{self.path}: {self.message}"
+        return f"{s} ({self.hint})" if self.hint else s
+
+
+class DataValidationError(AdlabError):
+    """A dataset or upload failed validation. Holds every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        head = f"{len(self.problems)} problem(s) with the data:"
+        super().__init__("\n".join([head, *("  - " + str(p) for p in self.problems)]))
+
+
+class MethodFailure(AdlabError):
+    """A method produced unusable output (NaN scores, diverged training, collapse)."""
+
+
+# A progress callback receives a stage name, a fraction in [0, 1] (or None when unknown)
+# and free-form details such as {"epoch": 3, "loss": 0.12}.
+Progress = Callable[[str, float | None, dict[str, Any]], None]
+
+
+def no_progress(stage: str, fraction: float | None = None, info: dict[str, Any] | None = None) -> None:
+    """A progress callback that ignores everything."""
+
+
+@dataclass
+class ImageSet:
+    """A batch of images at the working resolution, with labels and optional masks.
+
+    images: (N, 3, H, W) uint8 RGB. labels: (N,) int64, 0 = normal, 1 = anomalous.
+    masks: (N, H, W) uint8 {0,1} or None when the dataset has no masks at all.
+    has_mask: (N,) bool, True where a real ground-truth mask exists for that image.
+    digest: content digest; cache keys for features start from it.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+    paths: list[str] = field(default_factory=list)
+    defect_types: list[str] = field(default_factory=list)
+    has_mask: torch.Tensor | None = None
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W), got {tuple(self.images.shape)}")
+        n = self.images.shape[0]
+        if self.labels is None:
+            self.labels = torch.zeros(n, dtype=torch.int64)
+        if not self.paths:
+            self.paths = [f"image_{i}" for i in range(n)]
+        if not self.defect_types:
+            self.defect_types = ["good" if int(v) == 0 else "anomaly" for v in self.labels]
+        if self.has_mask is None:
+            self.has_mask = torch.zeros(n, dtype=torch.bool) if self.masks is None else torch.ones(n, dtype=torch.bool)
+        if not self.digest:
+            self.digest = tensor_digest(self.images)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the images."""
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def float_images(self) -> torch.Tensor:
+        """(N, 3, H, W) float32 in [0, 1]."""
+        return to_float_images(self.images)
+
+    def subset(self, idx: list[int] | torch.Tensor) -> ImageSet:
+        """A new ImageSet with the given rows; its digest derives from this one's and the rows."""
+        idx_t = torch.as_tensor(idx, dtype=torch.int64)
+        rows = idx_t.tolist()
+        assert self.labels is not None and self.has_mask is not None
+        return ImageSet(
+            images=self.images[idx_t],
+            labels=self.labels[idx_t],
+            masks=None if self.masks is None else self.masks[idx_t],
+            paths=[self.paths[i] for i in rows],
+            defect_types=[self.defect_types[i] for i in rows],
+            has_mask=self.has_mask[idx_t],
+            digest=hashlib.sha256(f"{self.digest}|{rows}".encode()).hexdigest()[:32],
+        )
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """Content digest of a tensor (its dtype, shape and bytes)."""
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def to_float_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N,3,H,W) -> float32 in [0,1]; float input is returned as float32 unchanged."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    return images.float()
+
+
+def as_imageset(images: ImageSet | torch.Tensor) -> ImageSet:
+    """Accept an ImageSet or a (N,3,H,W) tensor (uint8, or float in [0,1])."""
+    if isinstance(images, ImageSet):
+        return images
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"expected ImageSet or Tensor, got {type(images).__name__}")
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.dtype != torch.uint8:
+        images = (images.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return ImageSet(images=images)
+
+
+@dataclass
+class Prediction:
+    """scores: (N,) float32, higher = more anomalous; maps: (N, H, W) float32 or None."""
+
+    scores: torch.Tensor
+    maps: torch.Tensor | None = None
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What every method offers. See engine.methods.base.BaseDetector for the shared implementation."""
+
+    def fit(self, train: ImageSet, *, anomalies: ImageSet | None = None, progress: Progress | None = None) -> Detector: ...
+
+    def predict(self, images: ImageSet | torch.Tensor) -> Prediction: ...
+
+    def save(self, directory: str) -> None: ...
+
+    def load(self, directory: str) -> Detector: ...
+
+    def get_params(self) -> dict[str, Any]: ...

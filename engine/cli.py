@@ -1,0 +1,184 @@
+"""`adlab` command line: methods, sample-data, run, dashboard (DESIGN §7)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from engine.registry import FAMILIES, available
+
+    infos = available()
+    if args.json:
+        print(json.dumps([m.to_dict() for m in infos], indent=2))
+        return 0
+    for fam, title in FAMILIES.items():
+        ms = [m for m in infos if m.family == fam]
+        if not ms:
+            continue
+        print(f"{title} ({fam})")
+        for m in ms:
+            flags = [] if m.localises else ["no pixel map"]
+            if m.supervision == "weak":
+                flags.append("needs labelled anomalies")
+            if not m.faithful:
+                flags.append("NOT YET FAITHFUL to its paper")
+            extra = f"  [{'; '.join(flags)}]" if flags else ""
+            print(f"  {m.name:<22} {m.paper}{extra}\n  {'':<22} {m.summary}")
+    return 0
+
+
+def _sample_data(args: argparse.Namespace) -> int:
+    from engine.data import make_sample_data
+
+    out = Path(args.dir)
+    make_sample_data(out)
+    print(f"sample data written to {out}")
+    return 0
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """A plain-text table of the runs."""
+    cols = ["method", "status", "img AUROC", "img AP", "F1max", "pix AUROC", "AUPRO", "fit s", "pred s", "img/s"]
+    rows = []
+    for r in results["runs"]:
+        m = r.get("metrics") or {}
+        t = r.get("timing") or {}
+        rows.append([r["method"] + (" (cached)" if r.get("cached") else ""), r["status"],
+                     _fmt(m.get("image_auroc")), _fmt(m.get("image_ap")), _fmt(m.get("image_f1_max")),
+                     _fmt(m.get("pixel_auroc")), _fmt(m.get("pixel_aupro")), _fmt(t.get("fit_s"), 2),
+                     _fmt(t.get("predict_s"), 2), _fmt(t.get("images_per_s"), 1)])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    for r in results["runs"]:
+        if r["status"] != "ok":
+            print(f"\n{r['method']} failed: {r['error']}", file=sys.stderr)
+
+
+def _parse_value(value: str) -> Any:
+    """JSON when it parses (numbers, true/false, lists), else the plain string."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from engine.api import AdlabError
+    from engine.runner import RunConfig, run_methods
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    params: dict[str, dict[str, Any]] = {}
+    for p in args.param or []:
+        try:
+            lhs, value = p.split("=", 1)
+            method, key = lhs.split(".", 1)
+            params.setdefault(method, {})[key] = _parse_value(value)
+        except ValueError:
+            print(f"error: --param {p!r}: expected METHOD.NAME=VALUE, e.g. patchcore.coreset_ratio=0.1", file=sys.stderr)
+            return 2
+    cfg = RunConfig(methods=methods, image_size=args.image_size, device=args.device, backbone=args.backbone,
+                    weights=args.weights, preset=args.preset, labeled_anomalies=args.labeled_anomalies,
+                    seed=args.seed, params=params, use_cache=not args.no_cache)
+    bars: dict[str, Any] = {}
+    tty = sys.stderr.isatty()
+    last: dict[str, str] = {}
+
+    def progress(method: str, stage: str, fraction: float | None, info: dict[str, Any]) -> None:
+        if not method:
+            return
+        label = stage + (f" epoch {info['epoch']}/{info.get('of', '?')}" if "epoch" in info else "")
+        if not tty:  # logs and CI: one line per stage change, no bar redraws
+            if last.get(method) != stage:
+                last[method] = stage
+                print(f"[{method}] {label}" + (f": {info['error']}" if "error" in info else ""), file=sys.stderr)
+            return
+        for other in [m for m in bars if m != method]:
+            bars.pop(other).close()
+        bar = bars.get(method)
+        if bar is None:
+            bar = bars[method] = tqdm(total=100, desc=f"{method:<20}", file=sys.stderr,
+                                      bar_format="{desc} {percentage:3.0f}%|{bar:20}| {postfix}")
+        bar.n = 100 if stage in ("done", "failed") else int(100 * (fraction or 0.0))
+        bar.set_postfix_str(label, refresh=True)
+
+    try:
+        results = run_methods(args.data, cfg, progress=progress)
+    except AdlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for bar in bars.values():
+            bar.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "results.json")
+    print_table(results)
+    print(f"\nresults: {out / 'results.json'}")
+    return 1 if any(r["status"] != "ok" for r in results["runs"]) else 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port),
+           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    return subprocess.call(cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="adlab", description="Visual anomaly detection lab")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("methods", help="list the registered methods by family")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_methods)
+    p = sub.add_parser("sample-data", help="write the synthetic sample datasets to DIR")
+    p.add_argument("dir")
+    p.set_defaults(fn=_sample_data)
+    p = sub.add_parser("run", help="train and evaluate methods on a dataset")
+    p.add_argument("data", help="dataset folder (MVTec or folder layout) or .zip")
+    p.add_argument("--methods", required=True, help="comma-separated names, see `adlab methods`")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", default="auto", help="auto | bundled | hub | random | PATH to a weights file")
+    p.add_argument("--preset", default="fast", choices=["fast", "quality"])
+    p.add_argument("--labeled-anomalies", type=int, default=0, metavar="K",
+                   help="move K anomalous test images per defect type into a labelled training set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="override a method parameter")
+    p.add_argument("--no-cache", action="store_true", help="recompute everything, write nothing to the cache")
+    p.add_argument("--out", default="adlab-results")
+    p.set_defaults(fn=_run)
+    p = sub.add_parser("dashboard", help="start the Streamlit dashboard")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(fn=_dashboard)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

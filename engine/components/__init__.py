@@ -1,0 +1,1 @@
+"""Shared building blocks used by the methods: features, coreset, kNN, Gaussians, flows, maps, training."""

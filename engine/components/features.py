@@ -1,0 +1,128 @@
+"""Backbone features computed once per (images, backbone, weights, size, layer) and shared by all methods.
+
+Two levels: an in-process LRU (so methods in one run share tensors without disk reads) and the disk
+cache (so a second run, or another session, does not recompute). When any requested layer is
+missing, every "shared" stage (strides 4, 8, 16) up to the deepest requested one is computed in the
+same backbone pass and cached, so the next method asking for other layers finds them ready.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+import torch
+
+from engine.api import ImageSet, Progress, no_progress, to_float_images
+from engine.backbones import FeatureExtractor, get_extractor, stage_info, weights_description
+from engine.cache import Cache, default_cache, make_key
+from engine.device import autocast, batch_size
+
+_SHARED_STRIDES = (4, 8, 16)
+_MEM_LIMIT_BYTES = 3 * 1024**3
+
+
+class _LRU:
+    def __init__(self, limit_bytes: int):
+        self.limit = limit_bytes
+        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        with self.lock:
+            t = self.items.get(key)
+            if t is not None:
+                self.items.move_to_end(key)
+            return t
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        with self.lock:
+            self.items[key] = t
+            self.items.move_to_end(key)
+            total = sum(v.numel() * v.element_size() for v in self.items.values())
+            while total > self.limit and len(self.items) > 1:
+                _, old = self.items.popitem(last=False)
+                total -= old.numel() * old.element_size()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+_memory = _LRU(_MEM_LIMIT_BYTES)
+_pass_seconds: dict[str, float] = {}
+_compute_lock = threading.Lock()
+
+
+def clear_memory_cache() -> None:
+    """Forget in-process features (the disk cache stays)."""
+    _memory.clear()
+
+
+def feature_key(images: ImageSet, backbone: str, weights: str, layer: str) -> str:
+    return make_key("features", images.digest, backbone, weights_description(backbone, weights), images.size, layer)
+
+
+def run_backbone(extractor: FeatureExtractor, images: torch.Tensor, device: str,
+                 progress: Progress = no_progress, stage: str = "features") -> list[torch.Tensor]:
+    """Forward (N,3,H,W) uint8 or float images in batches; returns per-layer (N,C,h,w) float32 on CPU."""
+    n = images.shape[0]
+    bs = batch_size(device)
+    outs: list[list[torch.Tensor]] = [[] for _ in extractor.layers]
+    with torch.inference_mode(), autocast(device):
+        for start in range(0, n, bs):
+            x = to_float_images(images[start:start + bs]).to(device, non_blocking=True)
+            for i, f in enumerate(extractor(x)):
+                outs[i].append(f.float().cpu())
+            progress(stage, min(1.0, (start + bs) / n), {"images": min(n, start + bs), "of": n})
+    return [torch.cat(o) for o in outs]
+
+
+def extract_features(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "efficientnet_lite0",
+                     weights: str = "auto", device: str = "cpu", cache: Cache | None = None,
+                     progress: Progress = no_progress) -> list[torch.Tensor]:
+    """Per-layer features (N, C_l, H/s_l, W/s_l) float32 on CPU, cached in memory and on disk."""
+    cache = cache if cache is not None else default_cache()
+    keys = {layer: feature_key(images, backbone, weights, layer) for layer in layers}
+    found: dict[str, torch.Tensor] = {}
+    for layer, k in keys.items():
+        t = _memory.get(k)
+        if t is None:
+            hit = cache.load("features", k)
+            if hit is not None and "f" in hit[0]:
+                t = hit[0]["f"]
+                _memory.put(k, t)
+                if "seconds" in hit[1]:
+                    _pass_seconds[k] = float(hit[1]["seconds"])
+        if t is not None:
+            found[layer] = t
+    missing = [layer for layer in layers if layer not in found]
+    if missing:
+        with _compute_lock:  # one backbone pass at a time in this process; others then hit the cache
+            stages = stage_info(backbone)
+            order = [s.name for s in stages]
+            deepest = max(order.index(layer) for layer in missing)
+            shared = [s.name for s in stages[: deepest + 1] if s.stride in _SHARED_STRIDES]
+            todo = tuple(sorted(set(missing) | set(shared), key=order.index))
+            ext = get_extractor(backbone, todo, weights, device)
+            t0 = time.perf_counter()
+            feats = run_backbone(ext, images.images, device, progress)
+            secs = time.perf_counter() - t0
+            for layer, f in zip(todo, feats, strict=True):
+                k = feature_key(images, backbone, weights, layer)
+                _memory.put(k, f)
+                _pass_seconds[k] = secs
+                cache.store("features", k, {"f": f}, {"layer": layer, "backbone": backbone, "weights": ext.weights,
+                                                      "seconds": secs, "device": device})
+                if layer in keys:
+                    found[layer] = f
+    progress("features", 1.0, {"cached": not missing})
+    return [found[layer] for layer in layers]
+
+
+def backbone_seconds(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "efficientnet_lite0",
+                     weights: str = "auto") -> float:
+    """Seconds the backbone pass that produced these cached features took (0.0 when unknown)."""
+    keys = [feature_key(images, backbone, weights, layer) for layer in layers]
+    return max((_pass_seconds.get(k, 0.0) for k in keys), default=0.0)

@@ -1,0 +1,64 @@
+"""Multivariate Gaussians with covariance shrinkage and Mahalanobis distances, batched over positions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def ledoit_wolf_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched Ledoit–Wolf shrunk covariance.
+
+    x: (P, N, D) — P independent sets of N samples in D dims.
+    Returns mean (P, D), covariance (P, D, D) = (1 − s) S + s μ I, shrinkage s (P,).
+    """
+    x = x.double()
+    n, d = x.shape[1], x.shape[2]
+    mean = x.mean(1)
+    xc = x - mean[:, None]
+    s = xc.transpose(1, 2) @ xc / n
+    tr = torch.diagonal(s, dim1=1, dim2=2).sum(-1)
+    mu = tr / d
+    x2 = xc * xc
+    beta_ = (x2.transpose(1, 2) @ x2).sum((1, 2))
+    delta_ = (s * s).sum((1, 2))  # ||S||_F²
+    beta = (beta_ / n - delta_) / n / d  # estimate of the sampling variance of S (scaled)
+    delta = (delta_ - 2 * mu * tr + d * mu * mu) / d  # ||S − μI||_F² / d
+    beta = torch.minimum(beta, delta)
+    shrink = torch.where(delta > 0, beta / delta.clamp_min(1e-30), torch.zeros_like(delta))
+    eye = torch.eye(d, dtype=x.dtype)
+    cov = (1 - shrink)[:, None, None] * s + (shrink * mu)[:, None, None] * eye
+    return mean.float(), cov.float(), shrink.float()
+
+
+def gaussian_fit(x: torch.Tensor, *, shrinkage: str = "ledoit_wolf", eps: float = 0.01,
+                 chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position Gaussian. x: (P, N, D). Returns mean (P, D) and precision (inverse covariance) (P, D, D).
+
+    shrinkage "ledoit_wolf" shrinks towards μI then adds eps·I; "fixed" is the PaDiM paper's S + eps·I
+    (with the unbiased N − 1 normaliser).
+    """
+    means, precs = [], []
+    d = x.shape[2]
+    eye = torch.eye(d)
+    for s in range(0, x.shape[0], chunk):
+        xs = x[s:s + chunk]
+        if shrinkage == "ledoit_wolf":
+            mean, cov, _ = ledoit_wolf_cov(xs)
+        elif shrinkage == "fixed":
+            mean = xs.mean(1)
+            xc = (xs - mean[:, None]).double()
+            cov = (xc.transpose(1, 2) @ xc / max(1, xs.shape[1] - 1)).float()
+        else:
+            raise ValueError(f"unknown shrinkage {shrinkage!r}")
+        cov = cov + eps * eye
+        precs.append(torch.linalg.inv(cov.double()).float())
+        means.append(mean)
+    return torch.cat(means), torch.cat(precs)
+
+
+def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """x: (B, P, D), mean (P, D), precision (P, D, D) -> distances (B, P) (square root of the quadratic form)."""
+    diff = x - mean[None]
+    # (P, B, D) @ (P, D, D) keeps the per-position matrix product batched over positions.
+    left = torch.bmm(diff.transpose(0, 1), precision).transpose(0, 1)
+    return (left * diff).sum(-1).clamp_min_(0).sqrt_()

@@ -1,0 +1,144 @@
+"""The one training loop every gradient-trained method uses (DESIGN §2).
+
+A method describes what to optimise as one or more `Objective`s (parameters + a loss over a batch of
+item indices); the loop owns epochs or a time budget, shuffling with the run's seed, a held-out slice
+of the normal images for early stopping, AdamW, mixed precision on CUDA and progress reports. Several
+objectives are stepped in order on every batch (e.g. a GAN's discriminator then its generator).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.api import MethodFailure, Progress, no_progress
+from engine.device import autocast
+
+
+@dataclass
+class TrainConfig:
+    """epochs: passes over the training slice; time_budget_s stops earlier when set.
+    val_fraction of the items is held out (at least 1 item when there are ≥ 4) for early stopping
+    with `patience` epochs; batch_size is for CPU, cuda_batch_size on CUDA."""
+
+    epochs: int = 20
+    time_budget_s: float | None = None
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 8
+    cuda_batch_size: int = 32
+    val_fraction: float = 0.1
+    patience: int = 5
+    min_delta: float = 1e-4
+    grad_clip: float | None = 5.0
+    seed: int = 0
+
+
+@dataclass
+class Objective:
+    """`loss(idx)` returns a scalar loss for the items `idx` (int64 tensor of positions)."""
+
+    params: Iterable[nn.Parameter]
+    loss: Callable[[torch.Tensor], torch.Tensor]
+    name: str = "loss"
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = -1
+    stopped: str = "epochs"  # "epochs" | "early_stop" | "time_budget"
+    seconds: float = 0.0
+
+
+def split_indices(n: int, val_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of range(n) into (train, val); val is empty when n < 4 or val_fraction is 0."""
+    perm = torch.randperm(n, generator=generator)
+    n_val = 0 if n < 4 or val_fraction <= 0 else max(1, int(round(n * val_fraction)))
+    return perm[n_val:], perm[:n_val]
+
+
+def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: TrainConfig, *,
+               modules: list[nn.Module], device: str = "cpu", progress: Progress = no_progress,
+               val_loss: Callable[[torch.Tensor], float] | None = None) -> TrainResult:
+    """Train `modules` by stepping each objective on every batch of item indices.
+
+    Early stopping watches `val_loss(val_idx)` (default: the first objective's loss on the held-out
+    slice, without gradients) and restores the best weights at the end. Raises MethodFailure when a
+    loss becomes non-finite.
+    """
+    objs = objectives if isinstance(objectives, list) else [objectives]
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_idx, val_idx = split_indices(n_items, cfg.val_fraction, g)
+    bs = cfg.cuda_batch_size if device.startswith("cuda") else cfg.batch_size
+    opts = [torch.optim.AdamW(list(o.params), lr=o.lr or cfg.lr, weight_decay=cfg.weight_decay, betas=o.betas)
+            for o in objs]
+    all_params = [p for o in opts for grp in o.param_groups for p in grp["params"]]
+    res = TrainResult()
+    best = math.inf
+    best_state: list[dict[str, torch.Tensor]] | None = None
+    since_best = 0
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        for m in modules:
+            m.train()
+        perm = train_idx[torch.randperm(len(train_idx), generator=g)]
+        sums = [0.0] * len(objs)
+        batches = 0
+        for s in range(0, len(perm), bs):
+            idx = perm[s:s + bs]
+            if len(idx) < 2 and len(perm) >= 2:
+                continue  # a lone last item would give BatchNorm a batch of one
+            for k, (o, opt) in enumerate(zip(objs, opts, strict=True)):
+                opt.zero_grad(set_to_none=True)
+                with autocast(device):
+                    loss = o.loss(idx)
+                if not torch.isfinite(loss):
+                    raise MethodFailure(f"training diverged: {o.name} became {float(loss)} in epoch {epoch + 1}")
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip)
+                opt.step()
+                sums[k] += float(loss.detach())
+            batches += 1
+        for m in modules:
+            m.eval()
+        rec: dict[str, Any] = {"epoch": epoch + 1}
+        for o, sm in zip(objs, sums, strict=True):
+            rec[o.name] = sm / max(1, batches)
+        if len(val_idx):
+            with torch.no_grad(), autocast(device):
+                v = float(val_loss(val_idx)) if val_loss else float(objs[0].loss(val_idx))
+            rec["val_loss"] = v
+            if v < best - cfg.min_delta:
+                best, since_best, res.best_epoch = v, 0, epoch + 1
+                best_state = [copy.deepcopy(m.state_dict()) for m in modules]
+            else:
+                since_best += 1
+        elapsed = time.perf_counter() - t0
+        rec["seconds"] = round(elapsed, 3)
+        res.history.append(rec)
+        eta = elapsed / (epoch + 1) * (cfg.epochs - epoch - 1)
+        progress("train", (epoch + 1) / cfg.epochs, {**rec, "of": cfg.epochs, "eta_s": round(eta, 1)})
+        if len(val_idx) and since_best >= cfg.patience:
+            res.stopped = "early_stop"
+            break
+        if cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s:
+            res.stopped = "time_budget"
+            break
+    if best_state is not None:
+        for m, sd in zip(modules, best_state, strict=True):
+            m.load_state_dict(sd)
+    for m in modules:
+        m.eval()
+    res.seconds = time.perf_counter() - t0
+    return res

@@ -1,0 +1,45 @@
+"""Device choice, mixed precision and batch sizes (DESIGN §8)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+from engine.api import ConfigError
+
+
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when available else "cpu"; "cuda" without CUDA is a ConfigError."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' asked for, but no CUDA GPU is available here; use --device auto or cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return device
+
+
+def autocast(device: str):
+    """Mixed precision on CUDA (bf16 where supported), a no-op context on CPU."""
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def batch_size(device: str, cpu: int = 16, cuda: int = 128) -> int:
+    """Inference batch size: large on GPUs, modest on CPU (keeps peak memory low)."""
+    return cuda if device.startswith("cuda") else cpu
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch Generator seeded the same way (CPU)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    return torch.Generator().manual_seed(seed)

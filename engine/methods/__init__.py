@@ -1,0 +1,1 @@
+"""Methods, one module each, grouped by the survey's families. Registered via engine.registry."""

@@ -1,0 +1,94 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.api import ImageSet, Prediction, Progress
+from engine.components.anomaly_map import local_average, resize_and_concat, to_pixel_map
+from engine.components.coreset import greedy_coreset
+from engine.components.features import extract_features
+from engine.components.knn import NearestNeighbours
+from engine.methods.base import BaseDetector
+from engine.registry import register
+
+
+@register(
+    family="memory_bank", name="patchcore", localises=True, paper="Roth et al., CVPR 2022",
+    summary="Memory bank of locally aware mid-level patch features, thinned by a greedy coreset; "
+            "score = distance to the nearest normal patch.",
+    notes="Layers blocks.2+blocks.4 of EfficientNet-Lite0 (strides 8/16) stand in for WideResNet layer2+layer3.",
+    presets={"fast": {"coreset_ratio": 0.01}, "quality": {"coreset_ratio": 0.1}},
+)
+class PatchCore(BaseDetector):
+    """Locally aware patch features -> greedy coreset memory bank -> nearest-neighbour patch distance.
+
+    Image score: the largest patch distance, re-weighted as in the paper (Eq. 7) by how isolated its
+    nearest bank entry is among its `num_neighbors` neighbours. Map: patch distances upsampled and
+    Gaussian-smoothed (σ = 4 px).
+    """
+
+    def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
+                 layers: tuple[str, ...] = ("blocks.2", "blocks.4"), patch_size: int = 3,
+                 coreset_ratio: float = 0.01, proj_dim: int = 128, num_neighbors: int = 9,
+                 sigma: float = 4.0, seed: int = 0):
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = tuple(layers)
+        self.patch_size = patch_size
+        self.coreset_ratio = coreset_ratio
+        self.proj_dim = proj_dim
+        self.num_neighbors = num_neighbors
+        self.sigma = sigma
+        self.seed = seed
+
+    def _embed(self, images: ImageSet, progress: Progress | None = None) -> torch.Tensor:
+        """(N, D, h, w) locally aware patch embeddings at the resolution of the first layer."""
+        kw = {"progress": progress} if progress else {}
+        feats = extract_features(images, self.layers, backbone=self.backbone, weights=self.weights,
+                                 device=self.device_, **kw)
+        return resize_and_concat([local_average(f, self.patch_size) for f in feats])
+
+    def _fit(self, train: ImageSet, anomalies: ImageSet | None, progress: Progress) -> None:
+        emb = self._embed(train, progress)
+        patches = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        n = max(1, int(round(self.coreset_ratio * patches.shape[0])))
+        progress("coreset", 0.0, {"patches": patches.shape[0], "keep": n})
+        idx = greedy_coreset(patches, n, proj_dim=self.proj_dim, seed=self.seed)
+        self.memory_bank_ = patches[idx].contiguous()
+        self._knn = NearestNeighbours(self.memory_bank_, self.device_)
+        progress("coreset", 1.0, {"bank": int(self.memory_bank_.shape[0])})
+
+    def _predict(self, images: ImageSet) -> Prediction:
+        emb = self._embed(images)
+        n, d, h, w = emb.shape
+        q = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        dist, idx = self._knn.search(q, 1)
+        patch = dist[:, 0].reshape(n, h * w)
+        nn_idx = idx[:, 0].reshape(n, h * w)
+        best = patch.argmax(1)
+        s_star = patch[torch.arange(n), best]
+        scores = s_star * self._reweight(q.reshape(n, h * w, d)[torch.arange(n), best], nn_idx[torch.arange(n), best])
+        maps = to_pixel_map(patch.reshape(n, h, w), images.size, self.sigma)
+        return Prediction(scores=scores, maps=maps)
+
+    def _reweight(self, m_test: torch.Tensor, m_star_idx: torch.Tensor) -> torch.Tensor:
+        """Paper's Eq. 7 weight: 1 − softmax over the distances from m_test to m* and m*'s bank neighbours.
+
+        m_test (n, D) the most anomalous patch of each image; m_star_idx (n,) its nearest bank entry.
+        """
+        b = min(self.num_neighbors, self.memory_bank_.shape[0])
+        if b <= 1:
+            return torch.ones(m_test.shape[0])
+        _, nb = self._knn.search(self.memory_bank_[m_star_idx], b)  # N_b(m*), m* itself first
+        d = torch.linalg.vector_norm(self.memory_bank_[nb] - m_test[:, None], dim=-1)  # (n, b)
+        return 1.0 - torch.softmax(d.double(), dim=1)[:, 0].float()
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"memory_bank": self.memory_bank_}
+
+    def _set_state(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        self.memory_bank_ = tensors["memory_bank"]
+        self._knn = NearestNeighbours(self.memory_bank_, self.device_)

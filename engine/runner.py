@@ -1,0 +1,327 @@
+"""Run several methods on one dataset: shared features, caching, timing, progress, failure isolation.
+
+`run_methods` is what the CLI and the dashboard call. Each method runs inside its own try/except:
+one that raises, returns NaN, or runs out of memory is recorded as `failed` with its message, and
+the others still complete. Results follow the schema of DESIGN §7 (fields are only ever added).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine import registry
+from engine.api import AdlabError, ConfigError, ImageSet, MethodFailure, Prediction
+from engine.backbones import weights_description
+from engine.cache import ENGINE_VERSION, Cache, default_cache, make_key
+from engine.components.features import backbone_seconds, extract_features
+from engine.data import Dataset, discover, load_split
+from engine.device import resolve_device
+from engine.metrics import evaluate
+
+log = logging.getLogger("adlab.runner")
+
+# progress(method, stage, fraction or None, info)
+RunProgress = Callable[[str, str, float | None, dict[str, Any]], None]
+
+
+class Cancelled(AdlabError):
+    """The user cancelled the run."""
+
+
+@dataclass
+class RunConfig:
+    """What to run. `params` holds per-method parameter overrides: {"patchcore": {"coreset_ratio": 0.1}}."""
+
+    methods: list[str]
+    image_size: int = 256
+    device: str = "auto"
+    backbone: str = "efficientnet_lite0"
+    weights: str = "auto"
+    preset: str = "fast"
+    labeled_anomalies: int = 0
+    seed: int = 0
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    use_cache: bool = True
+
+
+def _noop(method: str, stage: str, fraction: float | None, info: dict[str, Any]) -> None:
+    pass
+
+
+class _PeakMemory:
+    """Samples this process's resident memory in a thread; peak_mb after stop()."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> _PeakMemory:
+        self.peak = self.rss()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def peak_mb(self) -> float:
+        mb = self.peak / 2**20
+        if torch.cuda.is_available():
+            mb = max(mb, torch.cuda.max_memory_allocated() / 2**20)
+        return round(mb, 1)
+
+
+def split_labeled(test: ImageSet, k: int, seed: int) -> tuple[list[int], list[int]]:
+    """Choose k anomalous test images per defect type (seeded) for the labelled training set.
+
+    Returns (labelled_rows, remaining_rows). At least one image of each type stays for evaluation.
+    """
+    if k <= 0:
+        return [], list(range(len(test)))
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for t in sorted({d for d, y in zip(test.defect_types, test.labels.tolist(), strict=True) if y == 1}):
+        rows = [i for i, (d, y) in enumerate(zip(test.defect_types, test.labels.tolist(), strict=True))
+                if d == t and y == 1]
+        take = min(k, len(rows) - 1)
+        if take > 0:
+            chosen += sorted(rng.choice(rows, size=take, replace=False).tolist())
+    chosen_set = set(chosen)
+    return sorted(chosen), [i for i in range(len(test)) if i not in chosen_set]
+
+
+_split_cache: dict[tuple[str, str, int], ImageSet] = {}
+_split_lock = threading.Lock()
+
+
+def load_images(ds: Dataset, split: str, image_size: int) -> ImageSet:
+    """load_split with a small per-process memo (the dashboard re-reads the same dataset often)."""
+    key = (ds.digest, split, image_size)
+    with _split_lock:
+        if key in _split_cache:
+            return _split_cache[key]
+    s = load_split(ds, split, image_size)
+    with _split_lock:
+        if len(_split_cache) > 6:
+            _split_cache.pop(next(iter(_split_cache)))
+        _split_cache[key] = s
+    return s
+
+
+def method_params(name: str, cfg: RunConfig) -> dict[str, Any]:
+    """Full parameters of a method for this run: preset, then run-wide options, then explicit overrides."""
+    mi = registry.info(name)
+    det = registry.create(name, preset=cfg.preset, **cfg.params.get(name, {}))
+    params = det.get_params()
+    common = {"backbone": cfg.backbone, "weights": cfg.weights, "seed": cfg.seed}
+    for k, v in common.items():
+        if k in params and k not in cfg.params.get(name, {}):
+            params[k] = v
+    del mi
+    return params
+
+
+def run_key(ds_digest: str, name: str, params: dict[str, Any], cfg: RunConfig, labeled: list[int]) -> str:
+    """Cache key of a method's fitted model and predictions (DESIGN §8)."""
+    wd = weights_description(params.get("backbone", cfg.backbone), params.get("weights", cfg.weights))
+    return make_key("run", ds_digest, name, params, cfg.image_size, wd, ENGINE_VERSION, labeled)
+
+
+def load_prediction(record: dict[str, Any], cache: Cache | None = None) -> Prediction | None:
+    """The stored scores and maps (N, H, W) of a finished run record, or None when not cached."""
+    cache = cache or default_cache()
+    key = record.get("cache_key")
+    if not key:
+        return None
+    hit = cache.load("predictions", key)
+    if hit is None:
+        return None
+    t = hit[0]
+    return Prediction(scores=t["scores"], maps=t["maps"].float() if "maps" in t else None)
+
+
+def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProgress = _noop,
+                cancel: threading.Event | None = None, on_result: Callable[[dict[str, Any]], None] | None = None,
+                cache: Cache | None = None) -> dict[str, Any]:
+    """Run every method of `cfg` on `data`; returns the results dict of DESIGN §7.
+
+    Data problems raise DataValidationError before anything runs; method problems never raise: they
+    become runs with status "failed". Cancellation (the `cancel` event) raises Cancelled between steps.
+    """
+    cache = cache or (default_cache() if cfg.use_cache else Cache(enabled=False))
+    if not cfg.methods:
+        raise ConfigError("no methods selected")
+    infos = {name: registry.info(name) for name in cfg.methods}
+    weak = [n for n, mi in infos.items() if mi.supervision == "weak"]
+    if weak and cfg.labeled_anomalies <= 0:
+        raise ConfigError(f"{', '.join(weak)} need labelled anomalies: set labelled anomalies K ≥ 1 "
+                          "(K anomalous test images per defect type move into training)")
+    device = resolve_device(cfg.device)
+    ds = data if isinstance(data, Dataset) else discover(data)
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("run cancelled")
+
+    progress("", "loading", 0.0, {"dataset": ds.name})
+    train = load_images(ds, "train", cfg.image_size)
+    test_all = load_images(ds, "test", cfg.image_size)
+    labeled_rows, eval_rows = split_labeled(test_all, cfg.labeled_anomalies, cfg.seed)
+    test = test_all.subset(eval_rows) if labeled_rows else test_all
+    anomalies = test_all.subset(labeled_rows) if labeled_rows else None
+    results: dict[str, Any] = {
+        "dataset": {"path": str(ds.root), "name": ds.name, "digest": ds.digest, "n_train": len(train),
+                    "n_test": len(test), "defect_types": ds.defect_types, "warnings": list(ds.warnings)},
+        "config": {"image_size": cfg.image_size, "device": device, "backbone": cfg.backbone, "weights": cfg.weights,
+                   "preset": cfg.preset, "labeled_anomalies": cfg.labeled_anomalies, "seed": cfg.seed},
+        "labeled_anomalies": {"k": cfg.labeled_anomalies, "paths": [test_all.paths[i] for i in labeled_rows]},
+        "engine_version": ENGINE_VERSION,
+        "runs": [],
+    }
+    for name in cfg.methods:
+        check_cancel()
+        rec = _run_one(name, infos[name], cfg, device, ds, train, test, anomalies, labeled_rows, cache,
+                       progress, cancel)
+        results["runs"].append(rec)
+        if on_result:
+            on_result(rec)
+    return results
+
+
+def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds: Dataset, train: ImageSet,
+             test: ImageSet, anomalies: ImageSet | None, labeled_rows: list[int], cache: Cache,
+             progress: RunProgress, cancel: threading.Event | None) -> dict[str, Any]:
+    rec: dict[str, Any] = {"method": name, "family": mi.family, "params": {}, "weights": None,
+                           "status": "failed", "error": None, "metrics": None,
+                           "timing": {"fit_s": None, "predict_s": None, "images_per_s": None, "peak_mem_mb": None},
+                           "images": [], "faithful": mi.faithful, "localises": mi.localises, "cached": False}
+
+    def prog(stage: str, fraction: float | None = None, info: dict[str, Any] | None = None) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("run cancelled")
+        progress(name, stage, fraction, info or {})
+
+    try:
+        params = method_params(name, cfg)
+        rec["params"] = _jsonable(params)
+        rec["weights"] = (weights_description(params.get("backbone", cfg.backbone), params.get("weights", cfg.weights))
+                          if mi.uses_backbone else "none (trained from scratch on the images)")
+        key = run_key(ds.digest, name, params, cfg, labeled_rows)
+        rec["cache_key"] = key
+        hit = cache.load("runs", key) if cfg.use_cache else None
+        if hit is not None and cache.has("predictions", key):
+            stored = hit[1]
+            stored["cached"] = True
+            prog("done", 1.0, {"cached": True})
+            return stored
+        with cache.lock("runs", key):
+            hit = cache.load("runs", key) if cfg.use_cache else None
+            if hit is not None and cache.has("predictions", key):
+                stored = hit[1]
+                stored["cached"] = True
+                prog("done", 1.0, {"cached": True})
+                return stored
+            det = registry.create(name, **params).to(device)
+            shared_fit_s = shared_pred_s = 0.0
+            layers = det.feature_layers()
+            if layers:
+                shared_fit_s, shared_pred_s = _warm_features(det, layers, train, test, device, prog)
+            with _PeakMemory() as mem:
+                prog("fit", 0.0)
+                t0 = time.perf_counter()
+                det.fit(train, anomalies=anomalies, progress=prog)
+                fit_s = time.perf_counter() - t0 + shared_fit_s
+                prog("predict", 0.0)
+                t0 = time.perf_counter()
+                pred = det.predict(test)
+                predict_s = time.perf_counter() - t0 + shared_pred_s
+            scores = pred.scores.numpy()
+            if not np.all(np.isfinite(scores)):
+                raise MethodFailure("non-finite scores")
+            prog("evaluate", 0.0)
+            maps_np = pred.maps.numpy() if pred.maps is not None else None
+            masks_np = test.masks.numpy() if test.masks is not None else None
+            metrics = evaluate(scores, test.labels.numpy(), test.defect_types, maps=maps_np, masks=masks_np,
+                               has_mask=test.has_mask.numpy())
+            curves = metrics.pop("curves", None)
+            rec.update({
+                "status": "ok", "metrics": metrics, "curves": curves,
+                "timing": {"fit_s": round(fit_s, 3), "predict_s": round(predict_s, 3),
+                           "images_per_s": round(len(test) / predict_s, 2) if predict_s > 0 else None,
+                           "peak_mem_mb": mem.peak_mb, "shared_backbone_s": round(shared_fit_s + shared_pred_s, 3)},
+                "images": [{"path": p, "label": int(y), "defect_type": d, "score": float(s)}
+                           for p, y, d, s in zip(test.paths, test.labels.tolist(), test.defect_types, scores,
+                                                 strict=True)],
+            })
+            extra = getattr(det, "run_notes_", None)
+            if extra:
+                rec["notes"] = extra
+            if cfg.use_cache:
+                tensors = {"scores": pred.scores}
+                if pred.maps is not None:
+                    tensors["maps"] = pred.maps.half()
+                cache.store("predictions", key, tensors, {"method": name})
+                cache.store("runs", key, {}, rec)
+            prog("done", 1.0, {})
+    except Cancelled:
+        raise
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        rec["error"] = f"out of memory ({type(e).__name__}): try a smaller image size or fewer images"
+    except AdlabError as e:
+        rec["error"] = str(e)
+    except Exception as e:  # a method's bug must not take the other methods down
+        log.error("method %s failed:\n%s", name, traceback.format_exc())
+        rec["error"] = f"{type(e).__name__}: {e}"
+    if rec["status"] != "ok":
+        progress(name, "failed", None, {"error": rec["error"]})
+    return rec
+
+
+def _warm_features(det: Any, layers: tuple[str, ...], train: ImageSet, test: ImageSet, device: str,
+                   prog: Callable[..., None]) -> tuple[float, float]:
+    """Compute (or load) the shared backbone features; return the backbone seconds for (train, test).
+
+    Every method that reads them is charged the backbone time of the pass that made them, as if it ran
+    alone, so timings stay comparable whichever method happened to run first (or came from the cache).
+    """
+    secs = []
+    for split, images in (("train", train), ("test", test)):
+        extract_features(images, layers, backbone=det.backbone, weights=det.weights, device=device,
+                         progress=lambda s, f=None, i=None, sp=split: prog(f"features ({sp})", f, i or {}))
+        secs.append(backbone_seconds(images, layers, backbone=det.backbone, weights=det.weights))
+    return secs[0], secs[1]
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
