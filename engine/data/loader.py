@@ -1,0 +1,116 @@
+"""Loading a split of a validated Dataset into an ImageSet at the working resolution.
+
+Output shapes (N images, S = image_size):
+    images   (N, 3, S, S) uint8 RGB, bilinear with antialiasing
+    masks    (N, S, S) uint8 {0, 1}, nearest-neighbour; None when the dataset has no masks at all
+    has_mask (N,) bool: True for good images and for defect images with a mask
+    labels   (N,) int64
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.api import DataValidationError, ImageSet, Problem
+from engine.data.discover import Dataset, Sample
+from engine.data.limits import Limits
+from engine.data.validate import image_to_rgb, mask_to_binary, open_image
+
+# Files were checked at discover time; loading only refuses what cannot be decoded at all.
+_LOAD_LIMITS = Limits(max_image_pixels=1 << 62)
+
+
+def _load_image(path: str, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 RGB."""
+    with open_image(_path_bytes(path), _LOAD_LIMITS) as im:
+        if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            im.draft(im.mode, (size, size))  # JPEG can decode at 1/2, 1/4, 1/8 scale: faster for big files
+        rgb = image_to_rgb(im)
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return np.ascontiguousarray(rgb)
+    out = Image.fromarray(rgb, "RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def _load_mask(path: str, size: int) -> np.ndarray:
+    """(size, size) uint8 {0, 1}."""
+    with open_image(_path_bytes(path), _LOAD_LIMITS) as im:
+        binary, _ = mask_to_binary(im)
+    m = Image.fromarray(binary.astype(np.uint8) * 255, "L")
+    if m.size != (size, size):
+        m = m.resize((size, size), Image.Resampling.NEAREST)
+    return (np.asarray(m) > 127).astype(np.uint8)
+
+
+def _path_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _load_one(sample: Sample, size: int, with_masks: bool) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    img = _load_image(sample.path, size)
+    if not with_masks:
+        return img, None, False
+    if sample.mask_path is not None:
+        return img, _load_mask(sample.mask_path, size), True
+    return img, np.zeros((size, size), np.uint8), sample.label == 0
+
+
+def load_split(ds: Dataset, split: str, image_size: int = 256, *, indices: list[int] | None = None) -> ImageSet:
+    """Load split "train" or "test" of ``ds`` (optionally only rows ``indices``) as an ImageSet.
+
+    Images of any mode become RGB uint8 (image_size x image_size). When ``ds.has_masks`` is False, masks is
+    None and has_mask is all False. Otherwise masks are {0,1}: good images get zeros with has_mask True,
+    defect images without a mask get zeros with has_mask False.
+    digest = sha256(ds.digest|split|image_size|indices)[:32]. Raises DataValidationError if a file
+    can no longer be read.
+    """
+    samples = ds.split(split)
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if indices is not None:
+        bad = [i for i in indices if not 0 <= i < len(samples)]
+        if bad:
+            raise IndexError(f"indices {bad[:5]} out of range for the {split} split of {len(samples)} images")
+        samples = [samples[i] for i in indices]
+    with_masks = ds.has_masks
+    n = len(samples)
+    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    masks = np.zeros((n, image_size, image_size), np.uint8) if with_masks else None
+    has_mask = np.zeros(n, bool)
+    problems: list[Problem] = []
+
+    def work(i: int) -> None:
+        s = samples[i]
+        try:
+            img, mask, hm = _load_one(s, image_size, with_masks)
+        except Exception as e:  # a file changed or vanished since discover
+            problems.append(Problem(s.path, f"cannot load ({type(e).__name__}: {e})", "run discover again"))
+            return
+        images[i] = img
+        if masks is not None and mask is not None:
+            masks[i] = mask
+        has_mask[i] = hm
+
+    workers = max(1, min(8, os.cpu_count() or 2, n))
+    if n:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(work, range(n)))
+    if problems:
+        raise DataValidationError(sorted(problems, key=lambda p: p.path))
+    key = f"{ds.digest}|{split}|{image_size}|{indices}"
+    return ImageSet(
+        images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
+        masks=None if masks is None else torch.from_numpy(masks),
+        paths=[s.path for s in samples],
+        defect_types=[s.defect_type for s in samples],
+        has_mask=torch.from_numpy(has_mask),
+        digest=hashlib.sha256(key.encode()).hexdigest()[:32],
+    )
