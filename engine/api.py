@@ -86,6 +86,8 @@ class ImageSet:
     defect_types: list[str] = field(default_factory=list)
     has_mask: torch.Tensor | None = None
     digest: str = ""
+    # (digest of the full set, row indices) when this set is a subset: lets caches slice the full set's entries.
+    origin: tuple[str, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -127,6 +129,8 @@ class ImageSet:
             defect_types=[self.defect_types[i] for i in rows],
             has_mask=self.has_mask[idx_t],
             digest=hashlib.sha256(f"{self.digest}|{rows}".encode()).hexdigest()[:32],
+            origin=(self.origin[0], tuple(self.origin[1][i] for i in rows)) if self.origin
+            else (self.digest, tuple(rows)),
         )
 
 
@@ -169,7 +173,8 @@ class Prediction:
 class Detector(Protocol):
     """What every method offers. See engine.methods.base.BaseDetector for the shared implementation."""
 
-    def fit(self, train: ImageSet, *, anomalies: ImageSet | None = None, progress: Progress | None = None) -> Detector: ...
+    def fit(self, train: ImageSet, *, anomalies: ImageSet | None = None,
+            progress: Progress | None = None) -> Detector: ...
 
     def predict(self, images: ImageSet | torch.Tensor) -> Prediction: ...
 

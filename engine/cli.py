@@ -93,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
             method, key = lhs.split(".", 1)
             params.setdefault(method, {})[key] = _parse_value(value)
         except ValueError:
-            print(f"error: --param {p!r}: expected METHOD.NAME=VALUE, e.g. patchcore.coreset_ratio=0.1", file=sys.stderr)
+            print(f"error: --param {p!r}: expected METHOD.NAME=VALUE, e.g. patchcore.coreset_ratio=0.1",
+                  file=sys.stderr)
             return 2
     cfg = RunConfig(methods=methods, image_size=args.image_size, device=args.device, backbone=args.backbone,
                     weights=args.weights, preset=args.preset, labeled_anomalies=args.labeled_anomalies,
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train and evaluate methods on a dataset")
     p.add_argument("data", help="dataset folder (MVTec or folder layout) or .zip")
     p.add_argument("--methods", required=True, help="comma-separated names, see `adlab methods`")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="working resolution in px (default: 256, or the images' own size when smaller)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default="auto", help="auto | bundled | hub | random | PATH to a weights file")

@@ -12,7 +12,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ class RunConfig:
     """What to run. `params` holds per-method parameter overrides: {"patchcore": {"coreset_ratio": 0.1}}."""
 
     methods: list[str]
-    image_size: int = 256
+    image_size: int | None = None  # None: 256, or the images' own size when smaller (Dataset.working_size)
     device: str = "auto"
     backbone: str = "efficientnet_lite0"
     weights: str = "auto"
@@ -195,6 +195,9 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
             raise Cancelled("run cancelled")
 
     progress("", "loading", 0.0, {"dataset": ds.name})
+    if cfg.image_size is None:
+        cfg = replace(cfg, image_size=ds.working_size())
+    assert cfg.image_size is not None
     train = load_images(ds, "train", cfg.image_size)
     test_all = load_images(ds, "test", cfg.image_size)
     labeled_rows, eval_rows = split_labeled(test_all, cfg.labeled_anomalies, cfg.seed)
@@ -211,8 +214,8 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     }
     for name in cfg.methods:
         check_cancel()
-        rec = _run_one(name, infos[name], cfg, device, ds, train, test, anomalies, labeled_rows, cache,
-                       progress, cancel)
+        rec = _run_one(name, infos[name], cfg, device, ds, train, test, test_all, anomalies, labeled_rows,
+                       cache, progress, cancel)
         results["runs"].append(rec)
         if on_result:
             on_result(rec)
@@ -220,7 +223,7 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
 
 
 def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds: Dataset, train: ImageSet,
-             test: ImageSet, anomalies: ImageSet | None, labeled_rows: list[int], cache: Cache,
+             test: ImageSet, test_all: ImageSet, anomalies: ImageSet | None, labeled_rows: list[int], cache: Cache,
              progress: RunProgress, cancel: threading.Event | None) -> dict[str, Any]:
     rec: dict[str, Any] = {"method": name, "family": mi.family, "params": {}, "weights": None,
                            "status": "failed", "error": None, "metrics": None,
@@ -256,7 +259,7 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
             shared_fit_s = shared_pred_s = 0.0
             layers = det.feature_layers()
             if layers:
-                shared_fit_s, shared_pred_s = _warm_features(det, layers, train, test, device, prog)
+                shared_fit_s, shared_pred_s = _warm_features(det, layers, train, test, test_all, device, prog)
             with _PeakMemory() as mem:
                 prog("fit", 0.0)
                 t0 = time.perf_counter()
@@ -286,7 +289,7 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
             })
             extra = getattr(det, "run_notes_", None)
             if extra:
-                rec["notes"] = extra
+                rec["run_notes"] = extra
             if cfg.use_cache:
                 tensors = {"scores": pred.scores}
                 if pred.maps is not None:
@@ -308,18 +311,21 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
     return rec
 
 
-def _warm_features(det: Any, layers: tuple[str, ...], train: ImageSet, test: ImageSet, device: str,
-                   prog: Callable[..., None]) -> tuple[float, float]:
+def _warm_features(det: Any, layers: tuple[str, ...], train: ImageSet, test: ImageSet, test_all: ImageSet,
+                   device: str, prog: Callable[..., None]) -> tuple[float, float]:
     """Compute (or load) the shared backbone features; return the backbone seconds for (train, test).
 
     Every method that reads them is charged the backbone time of the pass that made them, as if it ran
     alone, so timings stay comparable whichever method happened to run first (or came from the cache).
     """
     secs = []
-    for split, images in (("train", train), ("test", test)):
+    # The whole test split is extracted (not the subset left after labelled anomalies are taken out), so
+    # runs with another K slice the same cached features instead of recomputing them.
+    for split, images, used in (("train", train, train), ("test", test_all, test)):
         extract_features(images, layers, backbone=det.backbone, weights=det.weights, device=device,
                          progress=lambda s, f=None, i=None, sp=split: prog(f"features ({sp})", f, i or {}))
-        secs.append(backbone_seconds(images, layers, backbone=det.backbone, weights=det.weights))
+        secs.append(backbone_seconds(images, layers, backbone=det.backbone, weights=det.weights)
+                    * len(used) / max(1, len(images)))
     return secs[0], secs[1]
 
 

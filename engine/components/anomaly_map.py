@@ -30,11 +30,33 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
+def resample_cells(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize a conv feature map (N, C, h, w) to (N, C, H, W) keeping cells over the pixels they see.
+
+    With symmetric padding, cell i of a stride-s feature map is centred on input pixel i·s, not on
+    (i + 0.5)·s − 0.5 as `F.interpolate(align_corners=False)` assumes; that assumption shifts every map
+    by (s − 1)/2 pixels down and right (7.5 px at stride 16). Here target cell p (centred on p·S with
+    S = image / H) reads source coordinate p·h/H, with border values beyond the last cell.
+    """
+    h, w = x.shape[-2:]
+    big_h, big_w = size
+    if (h, w) == (big_h, big_w):
+        return x
+
+    def axis(n_src: int, n_dst: int) -> torch.Tensor:
+        c = torch.arange(n_dst, dtype=torch.float32, device=x.device) * (n_src / n_dst)
+        return c * (2.0 / (n_src - 1)) - 1.0 if n_src > 1 else torch.zeros_like(c)
+
+    gy, gx = torch.meshgrid(axis(h, big_h), axis(w, big_w), indexing="ij")
+    grid = torch.stack((gx, gy), -1).unsqueeze(0).expand(x.shape[0], -1, -1, -1).to(x.dtype)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=True)
+
+
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, h, w) -> (N, H, W) bilinear."""
+    """Patch-score maps (N, h, w) -> (N, H, W), each cell placed over the pixel it is centred on."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
-    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return resample_cells(maps[:, None], size)[:, 0]
 
 
 def to_pixel_map(patch_scores: torch.Tensor, size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
@@ -44,15 +66,12 @@ def to_pixel_map(patch_scores: torch.Tensor, size: tuple[int, int], sigma: float
 
 def resize_and_concat(feats: list[torch.Tensor], size: tuple[int, int] | None = None,
                       mode: str = "bilinear") -> torch.Tensor:
-    """Resize every (N, C_i, h_i, w_i) to the first's (or given) size and concatenate -> (N, ΣC_i, h, w)."""
+    """Resize every (N, C_i, h_i, w_i) to the first's (or given) size and concatenate -> (N, ΣC_i, h, w).
+
+    Cells stay over the pixels they see (see resample_cells); mode "bilinear" or "nearest".
+    """
     size = size or tuple(feats[0].shape[-2:])
-    out = []
-    for f in feats:
-        if tuple(f.shape[-2:]) != tuple(size):
-            kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-            f = F.interpolate(f, size=size, mode=mode, **kw)
-        out.append(f)
-    return torch.cat(out, 1)
+    return torch.cat([resample_cells(f, size, mode) for f in feats], 1)
 
 
 def local_average(f: torch.Tensor, patch: int = 3) -> torch.Tensor:

@@ -60,8 +60,22 @@ def clear_memory_cache() -> None:
     _memory.clear()
 
 
-def feature_key(images: ImageSet, backbone: str, weights: str, layer: str) -> str:
-    return make_key("features", images.digest, backbone, weights_description(backbone, weights), images.size, layer)
+def feature_key(images: ImageSet, backbone: str, weights: str, layer: str, digest: str | None = None) -> str:
+    return make_key("features", digest or images.digest, backbone, weights_description(backbone, weights),
+                    images.size, layer)
+
+
+def _lookup(key: str, cache: Cache) -> torch.Tensor | None:
+    """Features of one key from memory, else from disk (then kept in memory)."""
+    t = _memory.get(key)
+    if t is None:
+        hit = cache.load("features", key)
+        if hit is not None and "f" in hit[0]:
+            t = hit[0]["f"]
+            _memory.put(key, t)
+            if "seconds" in hit[1]:
+                _pass_seconds[key] = float(hit[1]["seconds"])
+    return t
 
 
 def run_backbone(extractor: FeatureExtractor, images: torch.Tensor, device: str,
@@ -87,14 +101,14 @@ def extract_features(images: ImageSet, layers: tuple[str, ...], *, backbone: str
     keys = {layer: feature_key(images, backbone, weights, layer) for layer in layers}
     found: dict[str, torch.Tensor] = {}
     for layer, k in keys.items():
-        t = _memory.get(k)
-        if t is None:
-            hit = cache.load("features", k)
-            if hit is not None and "f" in hit[0]:
-                t = hit[0]["f"]
-                _memory.put(k, t)
-                if "seconds" in hit[1]:
-                    _pass_seconds[k] = float(hit[1]["seconds"])
+        t = _lookup(k, cache)
+        if t is None and images.origin is not None:
+            # A subset (e.g. the test set minus labelled anomalies): slice the full set's features.
+            parent = feature_key(images, backbone, weights, layer, digest=images.origin[0])
+            full = _lookup(parent, cache)
+            if full is not None:
+                t = full[list(images.origin[1])]
+                _pass_seconds[k] = _pass_seconds.get(parent, 0.0) * len(images) / max(1, full.shape[0])
         if t is not None:
             found[layer] = t
     missing = [layer for layer in layers if layer not in found]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.device import single_thread
+
 
 def ledoit_wolf_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched Ledoit–Wolf shrunk covariance.
@@ -11,7 +13,7 @@ def ledoit_wolf_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     x: (P, N, D) — P independent sets of N samples in D dims.
     Returns mean (P, D), covariance (P, D, D) = (1 − s) S + s μ I, shrinkage s (P,).
     """
-    x = x.double()
+    x = x.float()
     n, d = x.shape[1], x.shape[2]
     mean = x.mean(1)
     xc = x - mean[:, None]
@@ -27,7 +29,7 @@ def ledoit_wolf_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     shrink = torch.where(delta > 0, beta / delta.clamp_min(1e-30), torch.zeros_like(delta))
     eye = torch.eye(d, dtype=x.dtype)
     cov = (1 - shrink)[:, None, None] * s + (shrink * mu)[:, None, None] * eye
-    return mean.float(), cov.float(), shrink.float()
+    return mean, cov, shrink
 
 
 def gaussian_fit(x: torch.Tensor, *, shrinkage: str = "ledoit_wolf", eps: float = 0.01,
@@ -37,6 +39,11 @@ def gaussian_fit(x: torch.Tensor, *, shrinkage: str = "ledoit_wolf", eps: float 
     shrinkage "ledoit_wolf" shrinks towards μI then adds eps·I; "fixed" is the PaDiM paper's S + eps·I
     (with the unbiased N − 1 normaliser).
     """
+    with single_thread():
+        return _gaussian_fit(x, shrinkage, eps, chunk)
+
+
+def _gaussian_fit(x: torch.Tensor, shrinkage: str, eps: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     means, precs = [], []
     d = x.shape[2]
     eye = torch.eye(d)
@@ -50,8 +57,8 @@ def gaussian_fit(x: torch.Tensor, *, shrinkage: str = "ledoit_wolf", eps: float 
             cov = (xc.transpose(1, 2) @ xc / max(1, xs.shape[1] - 1)).float()
         else:
             raise ValueError(f"unknown shrinkage {shrinkage!r}")
-        cov = cov + eps * eye
-        precs.append(torch.linalg.inv(cov.double()).float())
+        cov = (cov + eps * eye).double()
+        precs.append(torch.cholesky_inverse(torch.linalg.cholesky(cov)).float())
         means.append(mean)
     return torch.cat(means), torch.cat(precs)
 
