@@ -1,0 +1,1 @@
+"""Distribution-map methods: normalizing flows over pretrained features (FastFlow, CFLOW-AD)."""
