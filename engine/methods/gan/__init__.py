@@ -1,0 +1,1 @@
+"""GAN family: adversarially trained reconstruction models."""

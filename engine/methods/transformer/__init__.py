@@ -1,0 +1,1 @@
+"""Transformer family: attention-based feature reconstruction."""

@@ -1,0 +1,132 @@
+"""Method-specific tests of the GAN (GANomaly) and transformer (UniAD) families."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.api import ConfigError, ImageSet, MethodFailure
+from engine.methods.gan.ganomaly import GANomaly, GANomalyGenerator
+from engine.methods.transformer.patch_transformer import UniAD, neighbour_mask
+
+# Small settings: these tests check behaviour, not quality (the contract suite checks quality).
+TINY_GAN = {"size": 32, "widths": (8, 16, 32), "nz": 16, "epochs": 4, "lr": 2e-3}
+SMALL_UNIAD = {"epochs": 6, "enc_layers": 1, "dec_layers": 1, "d_model": 64, "ff_dim": 128}
+
+
+# --- transformer -------------------------------------------------------------------------------------
+def test_neighbour_mask_is_the_k_by_k_window() -> None:
+    h, w, k = 6, 7, 3
+    m = neighbour_mask(h, w, k)
+    assert m.shape == (h * w, h * w) and m.dtype == torch.bool
+    for i in range(h * w):
+        yi, xi = divmod(i, w)
+        expect = {(y, x) for y in range(yi - 1, yi + 2) for x in range(xi - 1, xi + 2) if 0 <= y < h and 0 <= x < w}
+        got = {divmod(j, w) for j in torch.nonzero(m[i]).flatten().tolist()}
+        assert got == expect
+    assert not neighbour_mask(4, 4, 0).any()
+    with pytest.raises(ConfigError):
+        neighbour_mask(4, 4, 2)
+    with pytest.raises(ConfigError):
+        neighbour_mask(3, 3, 5)  # the window would cover everything
+
+
+def test_masked_reconstruction_cannot_see_the_neighbourhood() -> None:
+    """With the encoder removed, the output at a token depends only on tokens outside its k×k window."""
+    torch.manual_seed(0)
+    det = UniAD(grid=8, d_model=32, heads=2, ff_dim=32, enc_layers=0, dec_layers=1, neighbour_size=3)
+    det.device_ = "cpu"
+    det._build(5)
+    net = det.net_.eval()
+    x = torch.randn(1, 64, 5)
+    i = 3 * 8 + 4  # token (3, 4)
+    base = net(x, det.pos_, det.mask_)[0, i]
+    inside = x.clone()
+    for y in (2, 3, 4):
+        for xx in (3, 4, 5):
+            inside[0, y * 8 + xx] += 10 * torch.randn(5)
+    torch.testing.assert_close(net(inside, det.pos_, det.mask_)[0, i], base)
+    outside = x.clone()
+    outside[0, 0] += 10 * torch.randn(5)
+    assert not torch.allclose(net(outside, det.pos_, det.mask_)[0, i], base)
+
+
+@pytest.fixture(scope="module")
+def uniad_fit(sample_brick) -> tuple[UniAD, ImageSet]:
+    train, test = sample_brick
+    return UniAD(**SMALL_UNIAD).fit(train), test
+
+
+def test_uniad_loss_decreases(uniad_fit) -> None:
+    det, _ = uniad_fit
+    h = det.history_
+    assert h[-1]["reconstruction"] < 0.8 * h[0]["reconstruction"]
+    assert h[-1]["val_loss"] < h[0]["val_loss"]
+
+
+def test_uniad_map_higher_on_the_defect(uniad_fit) -> None:
+    det, test = uniad_fit
+    rows = [i for i in range(len(test)) if int(test.labels[i]) == 1 and bool(test.has_mask[i])]
+    pred = det.predict(test.subset(rows))
+    assert pred.maps is not None and test.masks is not None
+    masks = test.masks[rows].bool()
+    wins = [float(m[k].mean()) > float(m[~k].mean()) for m, k in zip(pred.maps, masks, strict=True)]
+    assert np.mean(wins) >= 0.8, f"defect region above the rest in only {np.mean(wins):.0%} of images"
+
+
+def test_uniad_deterministic(sample_brick, uniad_fit) -> None:
+    det, test = uniad_fit
+    again = UniAD(**SMALL_UNIAD).fit(sample_brick[0]).predict(test)
+    np.testing.assert_allclose(again.scores.numpy(), det.predict(test).scores.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --- GAN ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gan_fit(sample_brick) -> GANomaly:
+    return GANomaly(**{**TINY_GAN, "epochs": 8}).fit(sample_brick[0])
+
+
+def test_ganomaly_losses_decrease(gan_fit) -> None:
+    h = gan_fit.history_
+    assert h[-1]["generator"] < h[0]["generator"]
+    assert min(r["val_loss"] for r in h) < h[0]["val_loss"]
+
+
+def test_ganomaly_deterministic(sample_brick) -> None:
+    train, test = sample_brick
+    a = GANomaly(**TINY_GAN).fit(train).predict(test)
+    b = GANomaly(**TINY_GAN).fit(train).predict(test)
+    np.testing.assert_allclose(a.scores.numpy(), b.scores.numpy(), rtol=1e-5, atol=1e-7)
+    assert a.maps is not None and a.maps.shape == (len(test), 128, 128)
+
+
+def test_ganomaly_reports_mode_collapse(sample_brick, monkeypatch) -> None:
+    """A generator whose decoder always outputs the same grey image is reported as collapsed."""
+
+    def constant_decode(self: GANomalyGenerator, z: torch.Tensor) -> torch.Tensor:
+        # zero-weighted terms keep a graph through the parameters so training still runs
+        return torch.full((z.shape[0], 3, 32, 32), 0.5) + 0.0 * (self.decoder.head.weight.sum() + z.sum())
+
+    monkeypatch.setattr(GANomalyGenerator, "decode", constant_decode)
+    det = GANomaly(**TINY_GAN).fit(sample_brick[0])
+    assert "mode collapse" in det.run_notes_["training"]
+
+
+def test_ganomaly_fails_when_scores_are_all_equal(sample_brick, monkeypatch) -> None:
+    """A generator whose latents are constant would give every image the same score: the fit fails clearly."""
+
+    def dead_forward(self: GANomalyGenerator, x: torch.Tensor):
+        z = self.encoder1(x) * 0.0
+        fake = torch.full_like(x, 0.5) + 0.0 * self.decoder.head.weight.sum()
+        return fake, z, self.encoder2(fake) * 0.0
+
+    monkeypatch.setattr(GANomalyGenerator, "forward", dead_forward)
+    with pytest.raises(MethodFailure, match="collapsed"):
+        GANomaly(**TINY_GAN).fit(sample_brick[0])
+
+
+def test_ganomaly_reports_runaway_discriminator(gan_fit, sample_brick) -> None:
+    x = gan_fit._prepare(sample_brick[0])
+    log = [(0.7, 0.1, 0.1, 0.1)] * 5 + [(1e-5, 5.0, 0.1, 0.1)] * 20
+    assert "WARNING divergence" in gan_fit._diagnose(x, log, 0, "epochs", 1)
