@@ -1,0 +1,78 @@
+"""Compare page: metrics table with intervals, ROC / PR / pixel ROC curves, per-defect table, accuracy vs speed."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import nav, services
+from dashboard.views import plots
+
+info = services.dataset_info(st.session_state["dataset_path"])
+results = services.latest_results(info.digest)
+
+st.title("Compare")
+if not services.ok_runs(results) and not (results or {}).get("runs"):
+    st.info("No results yet for this dataset. Train a few methods first.")
+    if st.button("Go to Train →", type="primary"):
+        nav.go("train")
+    st.stop()
+
+cfg = results.get("config", {})
+st.caption(f"Step 3 of 3 — **{info.name}**, {cfg.get('image_size')} px, backbone {cfg.get('backbone')}, "
+           f"preset {cfg.get('preset')}, device {cfg.get('device')}"
+           + (f", K = {cfg.get('labeled_anomalies')} labelled anomalies" if cfg.get("labeled_anomalies") else ""))
+
+best = services.best_method(results)
+if best:
+    c1, c2, c3 = st.columns([3, 1.2, 1.2])
+    best_auroc = next(r for r in services.ok_runs(results) if r["method"] == best)["metrics"]["image_auroc"]
+    c1.success(f"Best image AUROC: **{best}** ({best_auroc:.3f}). See where it goes wrong →",
+               icon=":material/emoji_events:")
+    if c2.button(f"Failures of {best}", type="primary", key="best_failures"):
+        nav.go("failures", failures_method=best)
+    if c3.button("Heatmaps", key="best_heatmaps"):
+        nav.go("heatmaps")
+
+df = services.metrics_table(results)
+st.subheader("Metrics")
+st.caption("Click a column header to sort. AUROC 1.0 = every defective image scores above every good one; "
+           "0.5 = chance. The interval is a 95% bootstrap over test images: overlapping intervals mean the "
+           "test set is too small to tell the methods apart.")
+num = {c: st.column_config.NumberColumn(c, format="%.3f") for c in
+       ("image AUROC", "image AP", "F1-max", "pixel AUROC", "AUPRO")}
+num.update({c: st.column_config.NumberColumn(c, format="%.2f") for c in ("fit s", "predict s", "images/s")})
+num["peak MB"] = st.column_config.NumberColumn("peak MB", format="%.0f")
+st.dataframe(df, hide_index=True, width="stretch", column_config=num)
+for _, row in df[df["status"].str.startswith("failed")].iterrows():
+    st.error(f"**{row['method']}** failed: {row['error']}")
+if (~df["faithful"]).any():
+    st.caption("faithful = False: the implementation is simplified relative to its paper; treat its numbers "
+               "as indicative.")
+d1, d2, _ = st.columns([1, 1, 3])
+d1.download_button("Download table (CSV)", services.csv_bytes(df), file_name=f"{info.name}-metrics.csv",
+                   mime="text/csv")
+d2.download_button("Download results.json", services.results_json(results), file_name="results.json",
+                   mime="application/json")
+
+st.subheader("Curves")
+g1, g2 = st.columns(2)
+roc = [plots.Curve(m, x, y, a) for m, x, y, a in services.curves(results, "roc")]
+pr = [plots.Curve(m, x, y, a) for m, x, y, a in services.curves(results, "pr")]
+g1.plotly_chart(plots.roc_figure(roc), width="stretch", key="roc")
+g2.plotly_chart(plots.pr_figure(pr, services.base_rate(results)), width="stretch", key="pr")
+g3, g4 = st.columns(2)
+pix = [plots.Curve(m, x, y, a) for m, x, y, a in services.curves(results, "pixel_roc")]
+if pix:
+    g3.plotly_chart(plots.roc_figure(pix, title="Pixel-level ROC", area_name="pixel AUROC"), width="stretch",
+                    key="pixel_roc")
+else:
+    g3.info("No pixel-level ROC: no method produced maps, or the dataset has no masks.")
+ms, xs, ys = services.speed_points(results)
+if ms:
+    g4.plotly_chart(plots.speed_accuracy_figure(ms, xs, ys), width="stretch", key="speed")
+
+methods, types, vals = services.per_defect(results)
+if types:
+    st.subheader("Per defect type")
+    st.caption("Image AUROC of each defect type against the good images: which kinds of defect each method misses.")
+    st.plotly_chart(plots.per_defect_figure(methods, types, vals), width="stretch", key="per_defect")

@@ -1,0 +1,95 @@
+"""One real-browser test: start the dashboard, train PatchCore on the sample data in headless Chromium, and see a
+ROC plot and a heatmap render. Skipped (with the reason) only when Chromium or playwright is absent."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync"]
+
+pytestmark = pytest.mark.browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture()
+def server(tmp_path: Path):
+    """The dashboard on a free port with its own cache folder; yields the base URL."""
+    port = _free_port()
+    env = {**os.environ, "ADLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.port", str(port),
+         "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "streamlit.log", "w"))  # noqa: SIM115
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/_stcore/health", 45)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_train_patchcore_in_browser(server: str) -> None:
+    if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
+        pytest.skip(f"Chromium not installed at {CHROMIUM} (run scripts/ensure_chromium.sh)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright python package not installed")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(60_000)
+            page.goto(server)
+            page.get_by_role("button", name="Next: Train →").click()
+            page.get_by_role("heading", name="Train").wait_for()
+            boxes = page.locator('[data-testid="stCheckbox"]')
+            for name in ("padim", "spade"):
+                box = boxes.filter(has_text=name).first
+                if box.locator("input").is_checked():
+                    box.locator("label").click()
+            pc = boxes.filter(has_text="patchcore").first
+            if not pc.locator("input").is_checked():
+                pc.locator("label").click()
+            page.get_by_role("button", name="Train 1 method(s)").click()
+            page.get_by_text("image AUROC").first.wait_for(timeout=80_000)
+            page.get_by_role("button", name="Next: compare the results →").click()
+            page.locator(".js-plotly-plot").first.wait_for()
+            assert page.get_by_text("patchcore (AUROC").count() >= 1
+            page.get_by_role("button", name="Heatmaps").first.click()
+            page.get_by_role("heading", name="Heatmaps").wait_for()
+            imgs = page.locator('[data-testid="stImage"] img')
+            imgs.nth(2).wait_for()
+            assert imgs.count() >= 3  # image, ground truth, patchcore's map
+            assert page.get_by_text("patchcore", exact=True).count() >= 1
+        finally:
+            browser.close()
