@@ -242,17 +242,13 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
                           if mi.uses_backbone else "none (trained from scratch on the images)")
         key = run_key(ds.digest, name, params, cfg, labeled_rows)
         rec["cache_key"] = key
-        hit = cache.load("runs", key) if cfg.use_cache else None
-        if hit is not None and cache.has("predictions", key):
-            stored = hit[1]
-            stored["cached"] = True
+        stored = _cached_record(cache, key, cfg)
+        if stored is not None:
             prog("done", 1.0, {"cached": True})
             return stored
         with cache.lock("runs", key):
-            hit = cache.load("runs", key) if cfg.use_cache else None
-            if hit is not None and cache.has("predictions", key):
-                stored = hit[1]
-                stored["cached"] = True
+            stored = _cached_record(cache, key, cfg)  # another session may have finished it while we waited
+            if stored is not None:
                 prog("done", 1.0, {"cached": True})
                 return stored
             det = registry.create(name, **params).to(device)
@@ -309,6 +305,14 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
     if rec["status"] != "ok":
         progress(name, "failed", None, {"error": rec["error"]})
     return rec
+
+
+def _cached_record(cache: Cache, key: str, cfg: RunConfig) -> dict[str, Any] | None:
+    """A finished run's record when both it and its predictions are in the cache."""
+    hit = cache.load("runs", key) if cfg.use_cache else None
+    if hit is None or not cache.has("predictions", key):
+        return None
+    return {**hit[1], "cached": True}
 
 
 def _warm_features(det: Any, layers: tuple[str, ...], train: ImageSet, test: ImageSet, test_all: ImageSet,

@@ -140,3 +140,18 @@ def backbone_seconds(images: ImageSet, layers: tuple[str, ...], *, backbone: str
     """Seconds the backbone pass that produced these cached features took (0.0 when unknown)."""
     keys = [feature_key(images, backbone, weights, layer) for layer in layers]
     return max((_pass_seconds.get(k, 0.0) for k in keys), default=0.0)
+
+
+def patch_features(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "efficientnet_lite0",
+                   weights: str = "auto", device: str = "cpu", patch_size: int = 1,
+                   progress: Progress | None = None) -> torch.Tensor:
+    """Cached features of several stages as one (N, ΣC, h, w) map at the first stage's resolution.
+
+    patch_size > 1 averages each stage over a patch×patch neighbourhood first (PatchCore's locally aware
+    features); deeper stages are resampled so every cell stays over the pixels it sees.
+    """
+    from engine.components.anomaly_map import local_average, resize_and_concat
+
+    feats = extract_features(images, layers, backbone=backbone, weights=weights, device=device,
+                             progress=progress or no_progress)
+    return resize_and_concat([local_average(f, patch_size) for f in feats])

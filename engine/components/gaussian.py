@@ -67,5 +67,6 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
     """x: (B, P, D), mean (P, D), precision (P, D, D) -> distances (B, P) (square root of the quadratic form)."""
     diff = x - mean[None]
     # (P, B, D) @ (P, D, D) keeps the per-position matrix product batched over positions.
-    left = torch.bmm(diff.transpose(0, 1), precision).transpose(0, 1)
+    with single_thread():
+        left = torch.bmm(diff.transpose(0, 1), precision).transpose(0, 1)
     return (left * diff).sum(-1).clamp_min_(0).sqrt_()

@@ -103,7 +103,7 @@ def _scratch(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
             ang += np.pi
             nxt = np.clip(pts[-1] + step * np.array([np.cos(ang), np.sin(ang)]), lo, hi)
         pts.append(nxt)
-    width = rng.uniform(1.3, 2.6) * size / 128
+    width = rng.uniform(2.2, 3.6) * size / 128
 
     def draw(d: ImageDraw.ImageDraw, ss: int) -> None:
         d.line([(float(x) * ss, float(y) * ss) for x, y in pts], fill=255, width=max(1, round(width * ss)),

@@ -119,7 +119,7 @@ class GANomalyDiscriminator(nn.Module):
           "all-equal or non-finite scores fail the run.",
     faithful=False, trained=True, uses_backbone=False,
     presets={
-        "test": {"epochs": 40, "size": 32, "widths": (16, 32, 64)},
+        "test": {"epochs": 40},
         "fast": {"epochs": 40},
         "quality": {"epochs": 200, "size": 128, "widths": (32, 64, 128, 256, 512), "lr": 5e-4},
     },

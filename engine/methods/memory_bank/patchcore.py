@@ -7,9 +7,9 @@ from typing import Any
 import torch
 
 from engine.api import ImageSet, Prediction, Progress
-from engine.components.anomaly_map import local_average, resize_and_concat, to_pixel_map
+from engine.components.anomaly_map import to_pixel_map
 from engine.components.coreset import greedy_coreset
-from engine.components.features import extract_features
+from engine.components.features import patch_features
 from engine.components.knn import NearestNeighbours
 from engine.methods.base import BaseDetector
 from engine.registry import register
@@ -46,10 +46,8 @@ class PatchCore(BaseDetector):
 
     def _embed(self, images: ImageSet, progress: Progress | None = None) -> torch.Tensor:
         """(N, D, h, w) locally aware patch embeddings at the resolution of the first layer."""
-        kw = {"progress": progress} if progress else {}
-        feats = extract_features(images, self.layers, backbone=self.backbone, weights=self.weights,
-                                 device=self.device_, **kw)
-        return resize_and_concat([local_average(f, self.patch_size) for f in feats])
+        return patch_features(images, self.layers, backbone=self.backbone, weights=self.weights,
+                              device=self.device_, patch_size=self.patch_size, progress=progress)
 
     def _fit(self, train: ImageSet, anomalies: ImageSet | None, progress: Progress) -> None:
         emb = self._embed(train, progress)

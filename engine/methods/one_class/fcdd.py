@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from engine.api import ImageSet, Prediction, Progress
-from engine.components.anomaly_map import resize_and_concat, to_pixel_map
-from engine.components.features import extract_features
+from engine.components.anomaly_map import to_pixel_map
+from engine.components.features import patch_features
 from engine.components.synthetic_anomalies import make_anomalies
 from engine.components.train_loop import Objective, TrainConfig, train_loop
 from engine.methods.base import BaseDetector, load_module_state, module_state
@@ -86,10 +86,8 @@ class FCDD(BaseDetector):
 
     def _features(self, images: ImageSet, progress: Progress | None = None) -> torch.Tensor:
         """(N, D, h, w) raw concatenated backbone features at the first layer's resolution."""
-        kw = {"progress": progress} if progress else {}
-        feats = extract_features(images, self.layers, backbone=self.backbone, weights=self.weights,
-                                 device=self.device_, **kw)
-        return resize_and_concat(feats)
+        return patch_features(images, self.layers, backbone=self.backbone, weights=self.weights,
+                              device=self.device_, progress=progress)
 
     def _outliers(self, train: ImageSet) -> ImageSet:
         """`outliers_per_image` synthetic anomalous copies of every training image (seeded)."""

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from engine.api import ImageSet, MethodFailure, Prediction, Progress
-from engine.components.anomaly_map import local_average, resize_and_concat, to_pixel_map
-from engine.components.features import extract_features
+from engine.components.anomaly_map import to_pixel_map
+from engine.components.features import patch_features
 from engine.components.train_loop import Objective, TrainConfig, train_loop
 from engine.methods.base import BaseDetector, load_module_state, module_state
 from engine.registry import register
@@ -101,10 +101,8 @@ class PatchSVDD(BaseDetector):
 
     def _embed(self, images: ImageSet, progress: Progress | None = None) -> torch.Tensor:
         """(N, D, h, w) locally averaged patch features at the first layer's resolution."""
-        kw = {"progress": progress} if progress else {}
-        feats = extract_features(images, self.layers, backbone=self.backbone, weights=self.weights,
-                                 device=self.device_, **kw)
-        return resize_and_concat([local_average(f, self.patch_size) for f in feats])
+        return patch_features(images, self.layers, backbone=self.backbone, weights=self.weights,
+                              device=self.device_, patch_size=self.patch_size, progress=progress)
 
     def _build(self, in_channels: int) -> SVDDProjector:
         with torch.random.fork_rng(devices=[]):

@@ -19,7 +19,7 @@ from torch import nn
 
 from engine.api import ImageSet, Prediction, Progress, to_float_images
 from engine.backbones import IMAGENET_MEAN, IMAGENET_STD
-from engine.components.anomaly_map import local_average
+from engine.components.anomaly_map import local_average, resample_cells
 from engine.components.features import extract_features
 from engine.components.train_loop import Objective, TrainConfig, split_indices, train_loop
 from engine.methods.base import BaseDetector, load_module_state, module_state
@@ -206,8 +206,8 @@ class EfficientAD(BaseDetector):
         # Resample to the input's stride-4 grid (o + 8 cells), then drop the 4 cells per side that the PDN's
         # valid convolutions never centre on: cell i of the PDN output is centred on pixel 4i + 16.
         grid = (oh + 2 * _PAD, ow + 2 * _PAD)
-        t = torch.cat([F.interpolate(local_average(f, 3), size=grid, mode="bilinear", align_corners=False)
-                       for f in feats], 1)[:, :, _PAD:_PAD + oh, _PAD:_PAD + ow]
+        t = torch.cat([resample_cells(local_average(f, 3), grid) for f in feats], 1)
+        t = t[:, :, _PAD:_PAD + oh, _PAD:_PAD + ow]
         mean = t.mean((0, 2, 3), keepdim=True)
         std = t.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
         return ((t - mean) / std).contiguous()

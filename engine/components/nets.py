@@ -1,0 +1,198 @@
+"""Small convolutional networks trained from scratch, and SSIM (used by AE, VAE, DRAEM, GANomaly).
+
+Shapes:
+    ConvEncoder: (N, in_channels, H, W) -> (N, latent_channels, H / 2**depth, W / 2**depth)   latent="map"
+                                         -> (N, latent_dim)                                     latent="vector"
+    ConvDecoder: the inverse; (N, latent_channels, h, w) or (N, latent_dim) -> (N, out_channels, H, W)
+    UNet:        (N, in_channels, H, W) -> (N, out_channels, H, W) logits (skip connections at every scale)
+    ssim_map:    (N, C, H, W), (N, C, H, W) -> (N, H, W), the per-pixel SSIM averaged over channels
+
+H and W must be divisible by 2**depth (depth = len(widths)). A "vector" latent needs the image size at
+construction (the flattening layer's size depends on it); a "map" latent works at any such size.
+Down blocks: Conv 4x4 stride 2 -> BatchNorm -> LeakyReLU(0.2) (+ `extra_convs` Conv 3x3 blocks).
+Up blocks: nearest upsample x2 -> Conv 3x3 -> BatchNorm -> LeakyReLU(0.2) (+ `extra_convs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _act() -> nn.Module:
+    return nn.LeakyReLU(0.2, inplace=True)
+
+
+def conv_block(c_in: int, c_out: int, extra_convs: int = 0) -> nn.Sequential:
+    """Conv 3x3 -> BN -> LeakyReLU, then `extra_convs` more of the same; keeps H, W."""
+    layers: list[nn.Module] = []
+    for i in range(1 + extra_convs):
+        layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), _act()]
+    return nn.Sequential(*layers)
+
+
+def down_block(c_in: int, c_out: int, extra_convs: int = 0) -> nn.Sequential:
+    """Strided Conv 4x4/2 -> BN -> LeakyReLU (+ extra 3x3 convs): (N, c_in, H, W) -> (N, c_out, H/2, W/2)."""
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
+                               nn.BatchNorm2d(c_out), _act()]
+    if extra_convs:
+        layers.append(conv_block(c_out, c_out, extra_convs - 1))
+    return nn.Sequential(*layers)
+
+
+def up_block(c_in: int, c_out: int, extra_convs: int = 0) -> nn.Sequential:
+    """Nearest x2 upsample -> Conv 3x3 -> BN -> LeakyReLU (+ extras): (N, c_in, h, w) -> (N, c_out, 2h, 2w)."""
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), conv_block(c_in, c_out, extra_convs))
+
+
+def _size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+
+
+class ConvEncoder(nn.Module):
+    """Strided-conv encoder. widths[i] channels after the i-th halving; depth = len(widths).
+
+    latent="map": a final 3x3 conv to `latent_channels` -> (N, latent_channels, H/2^d, W/2^d) (no activation).
+    latent="vector": flatten that map and a linear layer -> (N, latent_dim); needs `image_size`.
+    """
+
+    def __init__(self, in_channels: int = 3, widths: Sequence[int] = (32, 64, 128, 256), latent_channels: int = 64,
+                 latent: str = "map", latent_dim: int = 128, image_size: int | tuple[int, int] | None = None,
+                 extra_convs: int = 0):
+        super().__init__()
+        if latent not in ("map", "vector"):
+            raise ValueError("latent must be 'map' or 'vector'")
+        self.depth = len(widths)
+        chans = [in_channels, *widths]
+        self.blocks = nn.Sequential(*[down_block(chans[i], chans[i + 1], extra_convs) for i in range(self.depth)])
+        self.to_latent = nn.Conv2d(widths[-1], latent_channels, 3, padding=1)
+        self.latent = latent
+        self.fc: nn.Linear | None = None
+        if latent == "vector":
+            size = _size(image_size)
+            if size is None:
+                raise ValueError("a vector latent needs image_size")
+            h, w = size[0] >> self.depth, size[1] >> self.depth
+            self.fc = nn.Linear(latent_channels * h * w, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, latent_channels, H/2^d, W/2^d) or (N, latent_dim)."""
+        m = 1 << self.depth
+        if x.shape[-2] % m or x.shape[-1] % m:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is not divisible by {m} (2**depth)")
+        z = self.to_latent(self.blocks(x))
+        return z if self.fc is None else self.fc(z.flatten(1))
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of ConvEncoder: latent -> (N, out_channels, H, W).
+
+    widths are given in the encoder's order (small to large depth) and used reversed. out_activation:
+    "sigmoid" (images in [0, 1]), "none" (logits / unbounded).
+    """
+
+    def __init__(self, out_channels: int = 3, widths: Sequence[int] = (32, 64, 128, 256), latent_channels: int = 64,
+                 latent: str = "map", latent_dim: int = 128, image_size: int | tuple[int, int] | None = None,
+                 extra_convs: int = 0, out_activation: str = "sigmoid"):
+        super().__init__()
+        if latent not in ("map", "vector"):
+            raise ValueError("latent must be 'map' or 'vector'")
+        self.depth = len(widths)
+        rev = list(widths)[::-1]
+        self.latent_channels = latent_channels
+        self.fc: nn.Linear | None = None
+        self.map_size: tuple[int, int] | None = None
+        if latent == "vector":
+            size = _size(image_size)
+            if size is None:
+                raise ValueError("a vector latent needs image_size")
+            self.map_size = (size[0] >> self.depth, size[1] >> self.depth)
+            self.fc = nn.Linear(latent_dim, latent_channels * self.map_size[0] * self.map_size[1])
+        self.from_latent = nn.Sequential(nn.Conv2d(latent_channels, rev[0], 3, padding=1, bias=False),
+                                         nn.BatchNorm2d(rev[0]), _act())
+        outs = [*rev[1:], rev[-1]]
+        self.blocks = nn.Sequential(*[up_block(rev[i], outs[i], extra_convs) for i in range(self.depth)])
+        self.head = nn.Conv2d(rev[-1], out_channels, 3, padding=1)
+        if out_activation not in ("sigmoid", "none"):
+            raise ValueError("out_activation must be 'sigmoid' or 'none'")
+        self.out_activation = out_activation
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, latent_channels, h, w) or (N, latent_dim) -> (N, out_channels, h * 2^d, w * 2^d)."""
+        if self.fc is not None:
+            assert self.map_size is not None
+            z = self.fc(z).view(z.shape[0], self.latent_channels, *self.map_size)
+        y = self.head(self.blocks(self.from_latent(z)))
+        return torch.sigmoid(y) if self.out_activation == "sigmoid" else y
+
+
+class UNet(nn.Module):
+    """A small U-Net: `depth` down blocks with skips, a bottleneck, `depth` up blocks; logits out.
+
+    (N, in_channels, H, W) -> (N, out_channels, H, W); H, W divisible by 2**depth. Width doubles per level
+    from `base` (capped at `max_width`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, base: int = 16, depth: int = 3, max_width: int = 256):
+        super().__init__()
+        w = [min(base * 2**i, max_width) for i in range(depth + 1)]
+        self.depth = depth
+        self.stem = conv_block(in_channels, w[0], 1)
+        self.downs = nn.ModuleList([nn.Sequential(nn.MaxPool2d(2), conv_block(w[i], w[i + 1], 1))
+                                    for i in range(depth)])
+        self.ups = nn.ModuleList([nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+                                  for _ in range(depth)])
+        self.fuse = nn.ModuleList([conv_block(w[i + 1] + w[i], w[i], 1) for i in reversed(range(depth))])
+        self.head = nn.Conv2d(w[0], out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_channels, H, W) -> (N, out_channels, H, W) logits."""
+        skips = [self.stem(x)]
+        for d in self.downs:
+            skips.append(d(skips[-1]))
+        y = skips.pop()
+        for up, fuse in zip(self.ups, self.fuse, strict=True):
+            y = fuse(torch.cat([up(y), skips.pop()], 1))
+        return self.head(y)
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5,
+             data_range: float = 1.0) -> torch.Tensor:
+    """Per-pixel SSIM (Wang et al. 2004) with a Gaussian window, averaged over channels.
+
+    x, y: (N, C, H, W) float in a range of width `data_range`. window: odd size of the Gaussian window
+    (σ = `sigma`, truncated to the window). Local statistics use population (biased) covariances and
+    reflect padding, as skimage's `structural_similarity(gaussian_weights=True, use_sample_covariance=False)`.
+    Returns (N, H, W); 1 where x and y agree locally, lower elsewhere (can be negative).
+    """
+    if window % 2 != 1:
+        raise ValueError("window must be odd")
+    r = window // 2
+    t = torch.arange(-r, r + 1, dtype=torch.float32, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(x.dtype)
+    c = x.shape[1]
+    kx = k.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    ky = k.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+
+    def blur(v: torch.Tensor) -> torch.Tensor:
+        mode = "reflect" if min(v.shape[-2:]) > r else "replicate"
+        v = F.pad(v, (r, r, r, r), mode=mode)
+        return F.conv2d(F.conv2d(v, kx, groups=c), ky, groups=c)
+
+    mx, my = blur(x), blur(y)
+    vxx = blur(x * x) - mx * mx
+    vyy = blur(y * y) - my * my
+    vxy = blur(x * y) - mx * my
+    c1 = (0.01 * data_range) ** 2
+    c2 = (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vxx + vyy + c2))
+    return s.mean(1)
+
+
+__all__ = ["ConvDecoder", "ConvEncoder", "UNet", "conv_block", "down_block", "ssim_map", "up_block"]
