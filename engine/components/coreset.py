@@ -8,6 +8,7 @@ pass (||x||² + ||c||² − 2 x·c), so the Python loop runs once per selected c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -20,10 +21,12 @@ def random_projection(x: torch.Tensor, dim: int, generator: torch.Generator) -> 
     return x @ w.to(x.device)
 
 
-def greedy_coreset(x: torch.Tensor, n: int, *, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
+def greedy_coreset(x: torch.Tensor, n: int, *, proj_dim: int = 128, seed: int = 0,
+                   progress: Callable[[float], None] | None = None) -> torch.Tensor:
     """Indices (n,) of a greedy k-center coreset of the rows of x (N, D); n is clipped to N.
 
     Starts from a seeded random point, then repeatedly adds the point farthest from the selected set.
+    `progress(fraction)` is called about every 2% of the selections (it may raise to cancel).
     """
     n_total = x.shape[0]
     n = max(1, min(int(n), n_total))
@@ -38,7 +41,10 @@ def greedy_coreset(x: torch.Tensor, n: int, *, proj_dim: int = 128, seed: int = 
     j = int(torch.randint(n_total, (1,), generator=g))
     selected[0] = j
     mind = (sq + sq[j] - 2.0 * (zt[:, j] @ zt)).clamp_min_(0)
+    every = max(1, n // 50)
     for i in range(1, n):
+        if progress is not None and i % every == 0:
+            progress(i / n)
         j = int(torch.argmax(mind))
         selected[i] = j
         buf = zt[:, j] @ zt

@@ -54,7 +54,8 @@ class PatchCore(BaseDetector):
         patches = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
         n = max(1, int(round(self.coreset_ratio * patches.shape[0])))
         progress("coreset", 0.0, {"patches": patches.shape[0], "keep": n})
-        idx = greedy_coreset(patches, n, proj_dim=self.proj_dim, seed=self.seed)
+        idx = greedy_coreset(patches, n, proj_dim=self.proj_dim, seed=self.seed,
+                             progress=lambda f: progress("coreset", f, {"patches": patches.shape[0], "keep": n}))
         self.memory_bank_ = patches[idx].contiguous()
         self._knn = NearestNeighbours(self.memory_bank_, self.device_)
         progress("coreset", 1.0, {"bank": int(self.memory_bank_.shape[0])})
