@@ -87,6 +87,7 @@ class DataInfo:
     warnings: list[str]
     has_masks: bool
     is_sample: bool
+    working_size: int = 256  # the engine's default resolution for this dataset (never upsampling)
 
 
 def sample_categories() -> list[str]:
@@ -128,7 +129,8 @@ def _dataset(path: str) -> Dataset:
 def _info(path: str, ds: Dataset) -> DataInfo:
     return DataInfo(path=path, name=ds.name, digest=ds.digest, layout=ds.layout, n_train=ds.n_train,
                     n_test=ds.n_test, defect_types=list(ds.defect_types), warnings=list(ds.warnings),
-                    has_masks=ds.has_masks, is_sample=Path(path).resolve().parent == SAMPLE_ROOT.resolve())
+                    has_masks=ds.has_masks, is_sample=Path(path).resolve().parent == SAMPLE_ROOT.resolve(),
+                    working_size=ds.working_size())
 
 
 def dataset_info(path: str) -> DataInfo:
@@ -241,8 +243,8 @@ def device_name() -> str:
 
 
 def default_image_size(info: DataInfo) -> int:
-    """128 px for the bundled sample data (its native size), 256 otherwise."""
-    return 128 if info.is_sample else 256
+    """The engine's default for this dataset (256, or the images' own size when smaller), as a slider option."""
+    return max([s for s in IMAGE_SIZES if s <= info.working_size] or [IMAGE_SIZES[0]])
 
 
 def check_config(methods: list[str], labeled_anomalies: int) -> str | None:
@@ -368,6 +370,7 @@ class JobManager:
             self._queue.remove(job.id)
             if job.cancel.is_set():
                 job.state, job.finished = "cancelled", time.time()
+                job.error = "cancelled by the user before it started: nothing was computed"
                 self._cond.notify_all()
                 return
             self._running.add(job.id)
@@ -416,6 +419,8 @@ class JobManager:
             _persist(job, results["runs"], header=results)
             job.state = "done"
         except Cancelled:
+            job.error = (f"cancelled by the user: {len(job.records)} of {len(cfg.methods)} method(s) had finished "
+                         "and are kept")
             job.state = "cancelled"
         except Exception as e:  # noqa: BLE001 - the page shows the message
             job.error = str(_user_error(e)) if not isinstance(e, DataValidationError) else str(e)
@@ -447,8 +452,11 @@ def job_view(job: Job) -> dict[str, Any]:
             status = "ok" if rec["status"] == "ok" else "failed"
         elif p.error:
             status = "failed"
+        elif job.state == "cancelled":
+            status = "cancelled"
         auroc = (rec.get("metrics") or {}).get("image_auroc") if rec and rec["status"] == "ok" else None
-        rows.append({"method": m, "status": status, "fraction": min(1.0, p.fraction), "label": p.label(),
+        label = "cancelled before it finished" if status == "cancelled" else p.label()
+        rows.append({"method": m, "status": status, "fraction": min(1.0, p.fraction), "label": label,
                      "error": (rec or {}).get("error") or p.error, "auroc": auroc,
                      "cached": bool(rec and rec.get("cached"))})
     return {"state": job.state, "cancelling": job.cancel.is_set() and job.active,

@@ -136,16 +136,23 @@ class Cache:
             return tensors, meta, False
 
     def sweep_temporaries(self, older_than_s: float = 3600.0) -> int:
-        """Remove `.tmp-*` directories left by killed writers. Returns how many were removed."""
+        """Remove what killed writers left behind, once older than `older_than_s` (a live writer's are newer):
+        `.tmp-*` entry directories (and the dashboard's `.tmp-*` files), and half-extracted uploads
+        (`uploads/.<name>.partial-*`, `uploads/incoming/*/.tmp-*`). Returns how many were removed.
+        Called once per process by `default_cache()`."""
         n = 0
         if not self.root.exists():
             return 0
         now = time.time()
-        for p in self.root.glob("*/*/.tmp-*"):
-            with contextlib.suppress(OSError):
-                if now - p.stat().st_mtime > older_than_s:
-                    shutil.rmtree(p, ignore_errors=True)
-                    n += 1
+        for pattern in ("*/*/.tmp-*", "uploads/.*.partial-*", "uploads/incoming/*/.tmp-*"):
+            for p in self.root.glob(pattern):
+                with contextlib.suppress(OSError):
+                    if now - p.lstat().st_mtime > older_than_s:
+                        if p.is_dir() and not p.is_symlink():
+                            shutil.rmtree(p)
+                        else:
+                            p.unlink()
+                        n += 1
         return n
 
 
@@ -166,9 +173,11 @@ _default: Cache | None = None
 
 
 def default_cache() -> Cache:
-    """The process-wide cache (re-created when ADLAB_CACHE changes)."""
+    """The process-wide cache (re-created when ADLAB_CACHE changes; stale temporaries are swept then)."""
     global _default
     root = default_root()
     if _default is None or _default.root != root:
         _default = Cache(root)
+        with contextlib.suppress(OSError):
+            _default.sweep_temporaries()  # leftovers of processes killed mid-write (older than an hour)
     return _default

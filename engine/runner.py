@@ -308,9 +308,12 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
 
 
 def _cached_record(cache: Cache, key: str, cfg: RunConfig) -> dict[str, Any] | None:
-    """A finished run's record when both it and its predictions are in the cache."""
+    """A finished run's record when both it and its predictions are in the cache and readable.
+
+    The predictions are loaded, not just looked up: a corrupt or tampered entry is then removed and the method
+    recomputed, instead of a record whose maps can no longer be shown."""
     hit = cache.load("runs", key) if cfg.use_cache else None
-    if hit is None or not cache.has("predictions", key):
+    if hit is None or cache.load("predictions", key) is None:
         return None
     return {**hit[1], "cached": True}
 

@@ -113,26 +113,42 @@ def extract_features(images: ImageSet, layers: tuple[str, ...], *, backbone: str
             found[layer] = t
     missing = [layer for layer in layers if layer not in found]
     if missing:
-        with _compute_lock:  # one backbone pass at a time in this process; others then hit the cache
-            stages = stage_info(backbone)
-            order = [s.name for s in stages]
-            deepest = max(order.index(layer) for layer in missing)
-            shared = [s.name for s in stages[: deepest + 1] if s.stride in _SHARED_STRIDES]
-            todo = tuple(sorted(set(missing) | set(shared), key=order.index))
-            ext = get_extractor(backbone, todo, weights, device)
-            t0 = time.perf_counter()
-            feats = run_backbone(ext, images.images, device, progress)
-            secs = time.perf_counter() - t0
-            for layer, f in zip(todo, feats, strict=True):
-                k = feature_key(images, backbone, weights, layer)
-                _memory.put(k, f)
-                _pass_seconds[k] = secs
-                cache.store("features", k, {"f": f}, {"layer": layer, "backbone": backbone, "weights": ext.weights,
-                                                      "seconds": secs, "device": device})
-                if layer in keys:
-                    found[layer] = f
+        # One backbone pass at a time in this process, and one per image set across processes (the disk lock).
+        # Whoever waited then looks again: another session may have stored these features meanwhile.
+        pass_key = make_key("features-pass", images.digest, backbone, weights_description(backbone, weights),
+                            images.size)
+        with _compute_lock, cache.lock("features", pass_key):
+            for layer in missing:
+                t = _lookup(keys[layer], cache)
+                if t is not None:
+                    found[layer] = t
+            missing = [layer for layer in layers if layer not in found]
+            if missing:
+                _compute(images, keys, missing, found, backbone, weights, device, cache, progress)
     progress("features", 1.0, {"cached": not missing})
     return [found[layer] for layer in layers]
+
+
+def _compute(images: ImageSet, keys: dict[str, str], missing: list[str], found: dict[str, torch.Tensor],
+             backbone: str, weights: str, device: str, cache: Cache, progress: Progress) -> None:
+    """One backbone pass for the missing layers plus every shared stage up to the deepest; stores them all."""
+    stages = stage_info(backbone)
+    order = [s.name for s in stages]
+    deepest = max(order.index(layer) for layer in missing)
+    shared = [s.name for s in stages[: deepest + 1] if s.stride in _SHARED_STRIDES]
+    todo = tuple(sorted(set(missing) | set(shared), key=order.index))
+    ext = get_extractor(backbone, todo, weights, device)
+    t0 = time.perf_counter()
+    feats = run_backbone(ext, images.images, device, progress)
+    secs = time.perf_counter() - t0
+    for layer, f in zip(todo, feats, strict=True):
+        k = feature_key(images, backbone, weights, layer)
+        _memory.put(k, f)
+        _pass_seconds[k] = secs
+        cache.store("features", k, {"f": f}, {"layer": layer, "backbone": backbone, "weights": ext.weights,
+                                              "seconds": secs, "device": device})
+        if layer in keys:
+            found[layer] = f
 
 
 def backbone_seconds(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "efficientnet_lite0",

@@ -79,6 +79,7 @@ def _scan(zf: zipfile.ZipFile, label: str, limits: Limits) -> tuple[list[_Entry]
     seen: dict[str, str] = {}
     total = 0
     n_files = 0
+    n_dirs = 0
     for info in zf.infolist():
         raw = _decoded_name(info)
         where = f"{label}:{raw}"
@@ -102,7 +103,9 @@ def _scan(zf: zipfile.ZipFile, label: str, limits: Limits) -> tuple[list[_Entry]
             continue
         if not name:
             continue  # the root itself ("./")
-        if not is_dir:
+        if is_dir:
+            n_dirs += 1
+        else:
             suffix = PurePosixPath(name).suffix.lower()
             if suffix in ARCHIVE_EXTENSIONS:
                 problems.append(
@@ -151,6 +154,11 @@ def _scan(zf: zipfile.ZipFile, label: str, limits: Limits) -> tuple[list[_Entry]
         problems.append(
             Problem(label, f"the zip holds {n_files} files, more than the limit of {limits.max_files}",
                     "upload fewer images or raise Limits.max_files")
+        )
+    if n_dirs > limits.max_files:  # empty folder entries cost inodes too
+        problems.append(
+            Problem(label, f"the zip holds {n_dirs} folder entries, more than the limit of {limits.max_files}",
+                    "zip only the dataset folder, or raise Limits.max_files")
         )
     if total > limits.max_total_uncompressed_bytes:
         problems.append(

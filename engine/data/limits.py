@@ -35,6 +35,8 @@ class Limits:
         only applied to entries larger than ``ratio_min_bytes`` uncompressed, tiny files compress freely).
     max_image_pixels: width*height above which an image is refused (decompression-bomb guard).
     max_side_px: images with a longer side are accepted but downscaled at load, with a notice.
+    min_side_px: images with a shorter side are refused (a 1x1 or 4x4 px file holds no texture to learn from;
+        upscaling it would only invent a flat image). Masks are not checked: they must match their image.
     max_images: image files (images plus masks) in one dataset.
     extract_root: folder receiving extracted uploads; None means ``cache_root() / "uploads"``,
         resolved when used (so ``ADLAB_CACHE`` set later still applies). Use ``upload_dir()``.
@@ -45,6 +47,7 @@ class Limits:
     max_ratio: float = 200
     max_image_pixels: int = 40_000_000
     max_side_px: int = 4096
+    min_side_px: int = 8
     max_images: int = 5000
     extract_root: str | None = None
     ratio_min_bytes: int = 64 * 1024

@@ -96,6 +96,14 @@ def inspect_file(path: str | Path, limits: Limits, *, mask: bool = False) -> Ins
                 empty = not bool(binary.any())
             else:
                 image_to_rgb(im)  # proves the mode converts
+                if min(im.size) < limits.min_side_px:
+                    return Inspection(
+                        digest, size=im.size, mode=im.mode,
+                        error=f"image is only {im.size[0]}x{im.size[1]} px, smaller than the minimum of "
+                        f"{limits.min_side_px} px a side: too small to detect anomalies in",
+                        hint=f"use images of at least {limits.min_side_px}x{limits.min_side_px} px "
+                        "or lower Limits.min_side_px",
+                    )
             return Inspection(digest, size=im.size, mode=im.mode, mask_note=note, mask_empty=empty)
     except Exception as e:  # truncated data, bad compression stream, unsupported mode...
         msg = str(e) or type(e).__name__
