@@ -17,14 +17,16 @@ BEGIN, END = "<!-- METHODS:BEGIN -->", "<!-- METHODS:END -->"
 def method_table() -> str:
     from engine.registry import FAMILIES, available
 
-    rows = ["| family | method | paper | pixel map | supervision | faithful | notes |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| family | method | paper | pixel map | trained on | faithful to the paper |",
+            "|---|---|---|---|---|---|"]
+    details = ["", "What each method does differently from its paper, and why:", ""]
     for m in available():
-        notes = m.notes.replace("|", "/").replace("\n", " ")
         rows.append(f"| {FAMILIES[m.family]} | `{m.name}` | {m.paper} | {'yes' if m.localises else 'no'} | "
-                    f"{'K labelled anomalies' if m.supervision == 'weak' else 'normal images only'} | "
-                    f"{'yes' if m.faithful else '**not yet**'} | {notes} |")
-    return "\n".join(rows)
+                    f"{'normal images + K labelled anomalies' if m.supervision == 'weak' else 'normal images'} | "
+                    f"{'yes' if m.faithful else '**not yet**'} |")
+        if m.notes:
+            details.append(f"- `{m.name}`: {m.notes}")
+    return "\n".join(rows + details)
 
 
 def render(text: str) -> str:
