@@ -1,0 +1,1 @@
+"""Reconstruction family: autoencoder, variational autoencoder, DRAEM."""
