@@ -82,7 +82,9 @@ for k, d in enumerate(dis):
     img, mask = services.test_image(results, d["path"])
     c1.image(overlay_mask(img, mask), width=96)
     truth = "good" if d["label"] == 0 else f"defect ({d['defect_type']})"
-    verdicts = " · ".join(f"{m}: {'⚠ flagged' if v else 'ok'}" for m, v in d["verdicts"].items())
+    # Say what each method did (flagged / passed) and whether that was right for this image.
+    verdicts = " · ".join(f"{m}: {'flagged' if v else 'passed'} {'✓' if v == bool(d['label']) else '✗'}"
+                          for m, v in d["verdicts"].items())
     c2.markdown(f"**{d['name']}** — truly {truth}; {d['n_wrong']} method(s) wrong  \n{verdicts}")
     if c3.button("Open in Heatmaps", key=f"dis-{k}-{d['path']}"):
         nav.go("heatmaps", heatmap_image=d["path"])

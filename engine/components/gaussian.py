@@ -57,8 +57,7 @@ def _gaussian_fit(x: torch.Tensor, shrinkage: str, eps: float, chunk: int) -> tu
             cov = (xc.transpose(1, 2) @ xc / max(1, xs.shape[1] - 1)).float()
         else:
             raise ValueError(f"unknown shrinkage {shrinkage!r}")
-        cov = (cov + eps * eye).double()
-        precs.append(torch.cholesky_inverse(torch.linalg.cholesky(cov)).float())
+        precs.append(_spd_inverse(cov.float() + eps * eye))
         means.append(mean)
     return torch.cat(means), torch.cat(precs)
 
@@ -70,3 +69,17 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
     with single_thread():
         left = torch.bmm(diff.transpose(0, 1), precision).transpose(0, 1)
     return (left * diff).sum(-1).clamp_min_(0).sqrt_()
+
+
+def _spd_inverse(cov: torch.Tensor) -> torch.Tensor:
+    """Inverse of a batch of symmetric positive-definite (P, D, D) matrices via Cholesky.
+
+    float32 first (4× faster than float64 on CPU); any matrix whose float32 factorisation fails is
+    redone in float64.
+    """
+    chol, info = torch.linalg.cholesky_ex(cov)
+    out = torch.cholesky_inverse(chol)
+    bad = info != 0
+    if bad.any():
+        out[bad] = torch.cholesky_inverse(torch.linalg.cholesky(cov[bad].double())).float()
+    return out
