@@ -36,3 +36,13 @@ def go(key: str, **state: object) -> None:
     for k, v in state.items():
         st.session_state[k] = v
     st.switch_page(page(key))
+
+
+def stop_if_empty(has_results: bool) -> None:
+    """On a results page with nothing trained yet: say so, offer Train, and stop the script."""
+    if has_results:
+        return
+    st.info("No results yet for this dataset. Train a few methods first.")
+    if st.button("Go to Train →", type="primary"):
+        go("train")
+    st.stop()

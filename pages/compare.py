@@ -11,11 +11,7 @@ info = services.dataset_info(st.session_state["dataset_path"])
 results = services.latest_results(info.digest)
 
 st.title("Compare")
-if not services.ok_runs(results) and not (results or {}).get("runs"):
-    st.info("No results yet for this dataset. Train a few methods first.")
-    if st.button("Go to Train →", type="primary"):
-        nav.go("train")
-    st.stop()
+nav.stop_if_empty(bool(services.ok_runs(results) or (results or {}).get("runs")))
 
 cfg = results.get("config", {})
 st.caption(f"Step 3 of 3 — **{info.name}**, {cfg.get('image_size')} px, backbone {cfg.get('backbone')}, "

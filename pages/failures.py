@@ -13,11 +13,7 @@ results = services.latest_results(info.digest)
 
 st.title("Failures")
 runs = services.ok_runs(results)
-if not runs:
-    st.info("No results yet for this dataset. Train a few methods first.")
-    if st.button("Go to Train →", type="primary"):
-        nav.go("train")
-    st.stop()
+nav.stop_if_empty(bool(runs))
 
 st.caption("Which images does each method get wrong? A method flags an image when its score reaches the threshold.")
 t1, t2 = st.columns([2, 3])

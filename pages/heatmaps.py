@@ -11,11 +11,7 @@ results = services.latest_results(info.digest)
 
 st.title("Heatmaps")
 images = services.test_images(results)
-if not images:
-    st.info("No results yet for this dataset. Train a few methods first.")
-    if st.button("Go to Train →", type="primary"):
-        nav.go("train")
-    st.stop()
+nav.stop_if_empty(bool(images))
 
 st.caption("Bright = the method finds this region unusual. The green outline is the true defect.")
 paths = [i["path"] for i in images]

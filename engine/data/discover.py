@@ -271,15 +271,20 @@ def _plan_mvtec(c: _Collector) -> tuple[list[_Planned], list[Path]]:
             if d.name.casefold() == "good":
                 planned += [_Planned("test", 0, "good", p) for p in c.images_in(d)]
                 continue
-            folders = [m for m in (_child(r, d.name) for r in mask_roots) if m is not None]
-            masks = c.mask_index(folders)
-            all_masks += masks.values()
-            planned += [_Planned("test", 1, d.name, p, masks.get(p.stem)) for p in c.images_in(d)]
+            planned += _defect_samples(c, d, mask_roots, all_masks)
     for r in mask_roots:
         for d in _subdirs(r):
             if test_dir is None or _child(test_dir, d.name) is None or d.name.casefold() == "good":
                 c.ignored.append(c.show(d) + "/")
     return planned, all_masks
+
+
+def _defect_samples(c: _Collector, folder: Path, mask_roots: list[Path], all_masks: list[Path]) -> list[_Planned]:
+    """Test samples of one defect folder with their masks (from <mask root>/<defect>/); appends the masks
+    found to `all_masks`."""
+    masks = c.mask_index([m for m in (_child(r, folder.name) for r in mask_roots) if m is not None])
+    all_masks += masks.values()
+    return [_Planned("test", 1, folder.name, p, masks.get(p.stem)) for p in c.images_in(folder)]
 
 
 def _split_key(seed: int, name: str) -> str:
@@ -304,10 +309,7 @@ def _plan_folder(c: _Collector, seed: int) -> tuple[list[_Planned], list[Path]]:
     for d in _subdirs(root):
         if d.name.casefold() in _RESERVED_FOLDER:
             continue
-        folders = [m for m in (_child(r, d.name) for r in mask_roots) if m is not None]
-        masks = c.mask_index(folders)
-        all_masks += masks.values()
-        planned += [_Planned("test", 1, d.name, p, masks.get(p.stem)) for p in c.images_in(d)]
+        planned += _defect_samples(c, d, mask_roots, all_masks)
     for r in mask_roots:
         for d in _subdirs(r):
             if d.name.casefold() in _RESERVED_FOLDER or _child(root, d.name) is None:
