@@ -23,7 +23,7 @@ from engine import registry
 from engine.api import AdlabError, ConfigError, ImageSet, MethodFailure, Prediction
 from engine.backbones import weights_description
 from engine.cache import ENGINE_VERSION, Cache, default_cache, make_key
-from engine.components.features import backbone_seconds, extract_features
+from engine.components.features import backbone_seconds, extract_features, using_cache
 from engine.data import Dataset, discover, load_split
 from engine.device import resolve_device
 from engine.metrics import evaluate
@@ -214,8 +214,9 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     }
     for name in cfg.methods:
         check_cancel()
-        rec = _run_one(name, infos[name], cfg, device, ds, train, test, test_all, anomalies, labeled_rows,
-                       cache, progress, cancel)
+        with using_cache(cache):
+            rec = _run_one(name, infos[name], cfg, device, ds, train, test, test_all, anomalies, labeled_rows,
+                           cache, progress, cancel)
         results["runs"].append(rec)
         if on_result:
             on_result(rec)

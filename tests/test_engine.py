@@ -130,6 +130,15 @@ def test_features_computed_once_and_shared(tiny, monkeypatch) -> None:
     assert len(calls) == 1
 
 
+def test_run_features_go_to_the_cache_the_run_was_given(tiny, tmp_path) -> None:
+    feats.clear_memory_cache()
+    mine = Cache(tmp_path / "mine")
+    res = run_methods(tiny, RunConfig(methods=["padim"], image_size=48), cache=mine)
+    assert res["runs"][0]["status"] == "ok"
+    assert list((tmp_path / "mine" / "features").rglob("*")), "features were written elsewhere"
+    feats.clear_memory_cache()
+
+
 # --- runner: isolation of failures, NaN, cache ---------------------------------------------------------------
 class _Boom(BaseDetector):
     def __init__(self, seed: int = 0):

@@ -130,3 +130,14 @@ def test_ganomaly_reports_runaway_discriminator(gan_fit, sample_brick) -> None:
     x = gan_fit._prepare(sample_brick[0])
     log = [(0.7, 0.1, 0.1, 0.1)] * 5 + [(1e-5, 5.0, 0.1, 0.1)] * 20
     assert "WARNING divergence" in gan_fit._diagnose(x, log, 0, "epochs", 1)
+
+
+def test_uniad_token_grid_keeps_cells_over_their_pixels() -> None:
+    """A stride-8 map brought to the stride-16 token grid must stay centred like the stride-16 map (no 4 px shift)."""
+    from engine.methods.transformer.patch_transformer import to_grid
+
+    # A ramp equal to each cell's centre pixel: x8[i] = 8i (stride 8), token j is centred on pixel 16j.
+    x8 = (torch.arange(32, dtype=torch.float32) * 8).expand(1, 1, 32, 32).contiguous()
+    got = to_grid(x8, (16, 16))[0, 0, 0]
+    want = torch.arange(16, dtype=torch.float32) * 16
+    assert torch.allclose(got[1:-1], want[1:-1], atol=1e-4), got  # the border cell averages only two cells

@@ -8,9 +8,12 @@ same backbone pass and cached, so the next method asking for other layers finds 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 
@@ -55,6 +58,20 @@ _pass_seconds: dict[str, float] = {}
 _compute_lock = threading.Lock()
 
 
+# The disk cache a run asked for (runner.run_methods(cache=...)); methods call extract_features without one.
+_run_cache: contextvars.ContextVar[Cache | None] = contextvars.ContextVar("adlab_run_cache", default=None)
+
+
+@contextlib.contextmanager
+def using_cache(cache: Cache) -> Iterator[None]:
+    """Within this block (and this thread), features are read from and written to `cache`."""
+    token = _run_cache.set(cache)
+    try:
+        yield
+    finally:
+        _run_cache.reset(token)
+
+
 def clear_memory_cache() -> None:
     """Forget in-process features (the disk cache stays)."""
     _memory.clear()
@@ -97,7 +114,7 @@ def extract_features(images: ImageSet, layers: tuple[str, ...], *, backbone: str
                      weights: str = "auto", device: str = "cpu", cache: Cache | None = None,
                      progress: Progress = no_progress) -> list[torch.Tensor]:
     """Per-layer features (N, C_l, H/s_l, W/s_l) float32 on CPU, cached in memory and on disk."""
-    cache = cache if cache is not None else default_cache()
+    cache = cache if cache is not None else (_run_cache.get() or default_cache())
     keys = {layer: feature_key(images, backbone, weights, layer) for layer in layers}
     found: dict[str, torch.Tensor] = {}
     for layer, k in keys.items():

@@ -24,11 +24,13 @@ from engine.device import autocast
 
 @dataclass
 class TrainConfig:
-    """epochs: passes over the training slice; time_budget_s stops earlier when set.
+    """epochs: passes over the training slice; max_steps caps the optimiser steps (so a large dataset
+    trains for a bounded time, DESIGN §2 presets); time_budget_s stops earlier when set.
     val_fraction of the items is held out (at least 1 item when there are ≥ 4) for early stopping
     with `patience` epochs; batch_size is for CPU, cuda_batch_size on CUDA."""
 
     epochs: int = 20
+    max_steps: int | None = None
     time_budget_s: float | None = None
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -56,7 +58,8 @@ class Objective:
 class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = -1
-    stopped: str = "epochs"  # "epochs" | "early_stop" | "time_budget"
+    stopped: str = "epochs"  # "epochs" | "max_steps" | "early_stop" | "time_budget"
+    steps: int = 0
     seconds: float = 0.0
 
 
@@ -65,6 +68,19 @@ def split_indices(n: int, val_fraction: float, generator: torch.Generator) -> tu
     perm = torch.randperm(n, generator=generator)
     n_val = 0 if n < 4 or val_fraction <= 0 else max(1, int(round(n * val_fraction)))
     return perm[n_val:], perm[:n_val]
+
+
+def batches_per_epoch(n_train: int, bs: int) -> int:
+    """Batches the loop takes from `n_train` items (a lone last item is skipped unless it is the only one)."""
+    n = len(range(0, n_train, bs))
+    return n - 1 if n_train >= 2 and n_train % bs == 1 else n
+
+
+def planned_epochs(n_train: int, bs: int, epochs: int, max_steps: int | None) -> int:
+    """Epochs the loop will run at most: `epochs`, fewer when `max_steps` is reached first."""
+    if max_steps is None:
+        return epochs
+    return max(1, min(epochs, math.ceil(max_steps / max(1, batches_per_epoch(n_train, bs)))))
 
 
 def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: TrainConfig, *,
@@ -87,14 +103,17 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
     best = math.inf
     best_state: list[dict[str, torch.Tensor]] | None = None
     since_best = 0
+    n_epochs = planned_epochs(len(train_idx), bs, cfg.epochs, cfg.max_steps)
     t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    for epoch in range(n_epochs):
         for m in modules:
             m.train()
         perm = train_idx[torch.randperm(len(train_idx), generator=g)]
         sums = [0.0] * len(objs)
         batches = 0
         for s in range(0, len(perm), bs):
+            if cfg.max_steps is not None and res.steps >= cfg.max_steps:
+                break
             idx = perm[s:s + bs]
             if len(idx) < 2 and len(perm) >= 2:
                 continue  # a lone last item would give BatchNorm a batch of one
@@ -110,6 +129,7 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
                 opt.step()
                 sums[k] += float(loss.detach())
             batches += 1
+            res.steps += 1
         for m in modules:
             m.eval()
         rec: dict[str, Any] = {"epoch": epoch + 1}
@@ -127,14 +147,17 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
         elapsed = time.perf_counter() - t0
         rec["seconds"] = round(elapsed, 3)
         res.history.append(rec)
-        eta = elapsed / (epoch + 1) * (cfg.epochs - epoch - 1)
-        progress("train", (epoch + 1) / cfg.epochs, {**rec, "of": cfg.epochs, "eta_s": round(eta, 1)})
+        eta = elapsed / (epoch + 1) * (n_epochs - epoch - 1)
+        progress("train", (epoch + 1) / n_epochs, {**rec, "of": n_epochs, "eta_s": round(eta, 1)})
         if len(val_idx) and since_best >= cfg.patience:
             res.stopped = "early_stop"
             break
         if cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s:
             res.stopped = "time_budget"
             break
+    else:
+        if n_epochs < cfg.epochs:
+            res.stopped = "max_steps"
     if best_state is not None:
         for m, sd in zip(modules, best_state, strict=True):
             m.load_state_dict(sd)

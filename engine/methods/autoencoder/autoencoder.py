@@ -24,13 +24,14 @@ from engine.registry import register
 
 class ReconstructionDetector(BaseDetector):
     """Shared helpers of the reconstruction family. Subclasses set `size`, `sigma`, `map_ssim_weight`,
-    `top_k`, `epochs`, `batch_size`, `lr`, `seed`."""
+    `top_k`, `epochs`, `max_steps`, `batch_size`, `lr`, `seed`."""
 
     size: int
     sigma: float
     map_ssim_weight: float
     top_k: float
     epochs: int
+    max_steps: int | None
     batch_size: int
     lr: float
     seed: int
@@ -53,7 +54,8 @@ class ReconstructionDetector(BaseDetector):
         return torch.where(v[:, None, None, None], x.flip(-2), x)
 
     def _train_config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+        return TrainConfig(max_steps=self.max_steps, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                           seed=self.seed,
                            patience=max(5, self.epochs // 4))
 
     def _error_map(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,8 @@ class ConvAE(nn.Module):
           "only unless w is raised. Score = mean of the top 1% map pixels (a robust max). Whole images, not "
           "the paper's sliding patches.",
     faithful=False,
-    presets={"test": {"epochs": 30}, "fast": {"epochs": 60}, "quality": {"epochs": 300}},
+    presets={"test": {"epochs": 30}, "fast": {"max_steps": 300, "epochs": 60},
+             "quality": {"max_steps": 1200, "epochs": 300}},
 )
 class Autoencoder(ReconstructionDetector):
     """SSIM autoencoder: maps are reconstruction residuals (per-pixel error blended with 1 − SSIM)."""
@@ -127,7 +130,7 @@ class Autoencoder(ReconstructionDetector):
     def __init__(self, size: int = 128, widths: tuple[int, ...] = (16, 32, 64, 64), latent: str = "map",
                  latent_channels: int = 4, latent_dim: int = 100, epochs: int = 60, batch_size: int = 8,
                  lr: float = 2e-3, ssim_loss_weight: float = 1.0, map_ssim_weight: float = 0.0, sigma: float = 2.0,
-                 top_k: float = 0.01, seed: int = 0):
+                 top_k: float = 0.01, max_steps: int | None = None, seed: int = 0):
         self.size = size
         self.widths = tuple(widths)
         self.latent = latent
@@ -140,6 +143,7 @@ class Autoencoder(ReconstructionDetector):
         self.map_ssim_weight = map_ssim_weight
         self.sigma = sigma
         self.top_k = top_k
+        self.max_steps = max_steps
         self.seed = seed
 
     def _build(self) -> ConvAE:

@@ -54,7 +54,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
           "anomaly channel, Gaussian σ = 2 px; score = max of the map average-pooled over pool×pool "
           "(pool = 11 at 128 px, the paper's 21 at 256).",
     faithful=False,
-    presets={"test": {"epochs": 15}, "fast": {"epochs": 25}, "quality": {"epochs": 200}},
+    presets={"test": {"epochs": 15}, "fast": {"max_steps": 150, "epochs": 25},
+             "quality": {"max_steps": 600, "epochs": 200}},
 )
 class Draem(ReconstructionDetector):
     """DRAEM: reconstructive + discriminative sub-networks trained on synthetic anomalies."""
@@ -62,7 +63,7 @@ class Draem(ReconstructionDetector):
     def __init__(self, size: int = 128, widths: tuple[int, ...] = (16, 32, 64, 64), latent_channels: int = 16,
                  disc_base: int = 16, disc_depth: int = 3, epochs: int = 25, batch_size: int = 8, lr: float = 2e-3,
                  anomaly_prob: float = 0.5, focal_gamma: float = 2.0, sigma: float = 2.0, pool: int = 11,
-                 seed: int = 0):
+                 max_steps: int | None = None, seed: int = 0):
         self.size = size
         self.widths = tuple(widths)
         self.latent_channels = latent_channels
@@ -75,6 +76,7 @@ class Draem(ReconstructionDetector):
         self.focal_gamma = focal_gamma
         self.sigma = sigma
         self.pool = pool
+        self.max_steps = max_steps
         self.seed = seed
 
     def _build(self) -> DraemNet:

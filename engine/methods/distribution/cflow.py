@@ -38,8 +38,8 @@ from engine.registry import register
           "soft-clamped with 1.9·tanh(s/1.9); last subnet layer zero-initialised. Far fewer epochs than the paper.",
     presets={
         "test": {"epochs": 2, "coupling_blocks": 4, "cond_dim": 64},
-        "fast": {"epochs": 1, "coupling_blocks": 4, "cond_dim": 64},
-        "quality": {"epochs": 4, "coupling_blocks": 8, "cond_dim": 128},
+        "fast": {"max_steps": 600, "epochs": 1, "coupling_blocks": 4, "cond_dim": 64},
+        "quality": {"max_steps": 2400, "epochs": 4, "coupling_blocks": 8, "cond_dim": 128},
     },
 )
 class CFlow(BaseDetector):
@@ -52,7 +52,8 @@ class CFlow(BaseDetector):
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
                  layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4"), coupling_blocks: int = 8,
                  cond_dim: int = 128, hidden_ratio: float = 2.0, clamp: float = 1.9, epochs: int = 10,
-                 fiber_batch: int = 256, lr: float = 2e-4, weight_decay: float = 1e-5, seed: int = 0):
+                 fiber_batch: int = 256, lr: float = 2e-4, weight_decay: float = 1e-5, max_steps: int | None = None,
+                 seed: int = 0):
         self.backbone = backbone
         self.weights = weights
         self.layers = tuple(layers)
@@ -64,6 +65,7 @@ class CFlow(BaseDetector):
         self.fiber_batch = fiber_batch
         self.lr = lr
         self.weight_decay = weight_decay
+        self.max_steps = max_steps
         self.seed = seed
 
     # --- parts ---------------------------------------------------------------------------------------
@@ -131,7 +133,8 @@ class CFlow(BaseDetector):
                 terms.append(gaussian_nll(z, log_det, per_dim=True).mean())
             return torch.stack(terms).mean()
 
-        cfg = TrainConfig(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.fiber_batch,
+        cfg = TrainConfig(max_steps=self.max_steps, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                          batch_size=self.fiber_batch,
                           cuda_batch_size=4 * self.fiber_batch, seed=self.seed, patience=3)
         res = train_loop(Objective(list(self.flows_.parameters()), loss), n * h0 * w0, cfg, modules=[self.flows_],
                          device=self.device_, progress=progress)

@@ -33,8 +33,8 @@ _MAX_LOG_P = 50.0  # exp() guard for the likelihood map
           "paper; score = max of the map. Far fewer epochs than the paper's 500.",
     presets={
         "test": {"epochs": 6, "flow_steps": 4},
-        "fast": {"epochs": 16, "flow_steps": 4},
-        "quality": {"epochs": 40, "flow_steps": 8},
+        "fast": {"max_steps": 100, "epochs": 16, "flow_steps": 4},
+        "quality": {"max_steps": 400, "epochs": 40, "flow_steps": 8},
     },
 )
 class FastFlow(BaseDetector):
@@ -47,7 +47,8 @@ class FastFlow(BaseDetector):
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
                  layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4"), flow_steps: int = 8,
                  hidden_ratio: float = 1.0, conv3x3_only: bool = False, clamp: float = 2.0, epochs: int = 20,
-                 batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 1e-5, seed: int = 0):
+                 batch_size: int = 8, lr: float = 1e-3, weight_decay: float = 1e-5, max_steps: int | None = None,
+                 seed: int = 0):
         self.backbone = backbone
         self.weights = weights
         self.layers = tuple(layers)
@@ -59,6 +60,7 @@ class FastFlow(BaseDetector):
         self.batch_size = batch_size
         self.lr = lr
         self.weight_decay = weight_decay
+        self.max_steps = max_steps
         self.seed = seed
 
     # --- parts ---------------------------------------------------------------------------------------
@@ -97,7 +99,7 @@ class FastFlow(BaseDetector):
                 terms.append(gaussian_nll(z, log_det, per_dim=True).mean())
             return torch.stack(terms).mean()
 
-        cfg = TrainConfig(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+        cfg = TrainConfig(max_steps=self.max_steps, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                           batch_size=self.batch_size, seed=self.seed)
         res = train_loop(Objective(list(self.flows_.parameters()), loss), len(train), cfg, modules=[self.flows_],
                          device=self.device_, progress=progress)

@@ -120,8 +120,8 @@ class GANomalyDiscriminator(nn.Module):
     faithful=False, trained=True, uses_backbone=False,
     presets={
         "test": {"epochs": 40},
-        "fast": {"epochs": 40},
-        "quality": {"epochs": 200, "size": 128, "widths": (32, 64, 128, 256, 512), "lr": 5e-4},
+        "fast": {"max_steps": 200, "epochs": 40},
+        "quality": {"max_steps": 800, "epochs": 200, "size": 128, "widths": (32, 64, 128, 256, 512), "lr": 5e-4},
     },
 )
 class GANomaly(BaseDetector):
@@ -130,7 +130,7 @@ class GANomaly(BaseDetector):
     def __init__(self, size: int = 64, widths: tuple[int, ...] = (16, 32, 64, 128), nz: int = 100,
                  w_adv: float = 1.0, w_con: float = 50.0, w_enc: float = 1.0, spectral_norm: bool = True,
                  score: str = "latent", epochs: int = 40, lr: float = 1e-3, batch_size: int = 8, sigma: float = 2.0,
-                 seed: int = 0):
+                 max_steps: int | None = None, seed: int = 0):
         self.size = size
         self.widths = tuple(widths)
         self.nz = nz
@@ -143,6 +143,7 @@ class GANomaly(BaseDetector):
         self.lr = lr
         self.batch_size = batch_size
         self.sigma = sigma
+        self.max_steps = max_steps
         self.seed = seed
 
     def _build(self) -> None:
@@ -208,7 +209,8 @@ class GANomaly(BaseDetector):
             _, con, enc = g_terms(x, *self.netg_(x), adversarial=False)
             return float(self.w_con * con + self.w_enc * enc)
 
-        cfg = TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+        cfg = TrainConfig(max_steps=self.max_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                          seed=self.seed,
                           patience=max(5, self.epochs // 3))
         objectives = [Objective(netd.parameters(), d_loss, name="discriminator", betas=(0.5, 0.999)),
                       Objective(self.netg_.parameters(), g_loss, name="generator", betas=(0.5, 0.999))]

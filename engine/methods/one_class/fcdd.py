@@ -62,8 +62,9 @@ class FCDDHead(nn.Module):
           "anomalies passed to fit are added as extra outliers. Image-level (unsupervised) FCDD loss. Heatmap "
           "upsampling: bilinear + Gaussian blur (σ = `sigma`) rather than the transposed Gaussian kernel. "
           "Image score: mean of the heatmap as in the paper (`score='max'` also offered).",
-    presets={"test": {"epochs": 15, "outliers_per_image": 1}, "fast": {"epochs": 30, "outliers_per_image": 2},
-             "quality": {"epochs": 100, "outliers_per_image": 4}},
+    presets={"test": {"epochs": 15, "outliers_per_image": 1},
+             "fast": {"max_steps": 150, "epochs": 30, "outliers_per_image": 2},
+             "quality": {"max_steps": 600, "epochs": 100, "outliers_per_image": 4}},
 )
 class FCDD(BaseDetector):
     """FCDD on cached backbone features; trained with the pseudo-Huber one-class loss against synthetic outliers."""
@@ -71,7 +72,7 @@ class FCDD(BaseDetector):
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
                  layers: tuple[str, ...] = ("blocks.2", "blocks.4"), hidden: int = 128, epochs: int = 30,
                  lr: float = 1e-3, batch_size: int = 8, outliers_per_image: int = 2, score: str = "mean",
-                 sigma: float = 4.0, seed: int = 0):
+                 sigma: float = 4.0, max_steps: int | None = None, seed: int = 0):
         self.backbone = backbone
         self.weights = weights
         self.layers = tuple(layers)
@@ -82,6 +83,7 @@ class FCDD(BaseDetector):
         self.outliers_per_image = outliers_per_image
         self.score = score
         self.sigma = sigma
+        self.max_steps = max_steps
         self.seed = seed
 
     def _features(self, images: ImageSet, progress: Progress | None = None) -> torch.Tensor:
@@ -117,7 +119,8 @@ class FCDD(BaseDetector):
         def loss(idx: torch.Tensor) -> torch.Tensor:
             return fcdd_loss(pseudo_huber(head(x[idx].to(dev))), y[idx].to(dev))
 
-        cfg = TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, patience=self.epochs,
+        cfg = TrainConfig(max_steps=self.max_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                          patience=self.epochs,
                           seed=self.seed)
         res = train_loop(Objective(head.parameters(), loss, name="fcdd"), len(x), cfg, modules=[head], device=dev,
                          progress=progress)

@@ -72,7 +72,8 @@ def guard_centre(c: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
           "pass with batch statistics. Map: squared distance per position, upsampled, Gaussian σ = 4; image "
           "score: the map's maximum (top_k > 0: mean of the top-k patch distances).",
     faithful=False, trained=True,
-    presets={"test": {"epochs": 15}, "fast": {"epochs": 30}, "quality": {"epochs": 100, "patience": 15}},
+    presets={"test": {"epochs": 15}, "fast": {"max_steps": 150, "epochs": 30},
+             "quality": {"max_steps": 600, "epochs": 100, "patience": 15}},
 )
 class PatchSVDD(BaseDetector):
     """One-class Deep SVDD on patch embeddings (see module docstring)."""
@@ -81,7 +82,7 @@ class PatchSVDD(BaseDetector):
                  layers: tuple[str, ...] = ("blocks.2", "blocks.4"), patch_size: int = 3, hidden: int = 256,
                  rep_dim: int = 64, depth: int = 2, centre_eps: float = 0.1, epochs: int = 30, lr: float = 1e-3,
                  weight_decay: float = 1e-6, batch_size: int = 8, patience: int = 5, sigma: float = 4.0,
-                 top_k: int = 0, seed: int = 0):
+                 top_k: int = 0, max_steps: int | None = None, seed: int = 0):
         self.backbone = backbone
         self.weights = weights
         self.layers = tuple(layers)
@@ -97,6 +98,7 @@ class PatchSVDD(BaseDetector):
         self.patience = patience
         self.sigma = sigma
         self.top_k = top_k
+        self.max_steps = max_steps
         self.seed = seed
 
     def _embed(self, images: ImageSet, progress: Progress | None = None) -> torch.Tensor:
@@ -126,7 +128,7 @@ class PatchSVDD(BaseDetector):
         def loss(idx: torch.Tensor) -> torch.Tensor:
             return self._sq_dist(emb[idx.to(self.device_)]).mean()
 
-        cfg = TrainConfig(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+        cfg = TrainConfig(max_steps=self.max_steps, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                           batch_size=self.batch_size, patience=self.patience, seed=self.seed)
         res = train_loop(Objective(self.net_.parameters(), loss, name="loss"), len(train), cfg,
                          modules=[self.net_], device=self.device_, progress=progress)

@@ -157,10 +157,10 @@ def colour_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     presets={
         "test": {"width": 16, "ae_width": 16, "batch_size": 2, "teacher_epochs": 10, "epochs": 10, "lr": 3e-3,
                  "teacher_lr": 1e-2},
-        "fast": {"width": 16, "ae_width": 16, "batch_size": 2, "teacher_epochs": 10, "epochs": 12, "lr": 3e-3,
-                 "teacher_lr": 1e-2},
-        "quality": {"width": 128, "ae_width": 64, "batch_size": 2, "teacher_epochs": 60, "epochs": 150,
-                    "lr": 5e-4, "teacher_lr": 2e-3},
+        "fast": {"max_steps": 250, "width": 16, "ae_width": 16, "batch_size": 2, "teacher_epochs": 10, "epochs": 12,
+                 "lr": 3e-3, "teacher_lr": 1e-2},
+        "quality": {"max_steps": 600, "width": 128, "ae_width": 64, "batch_size": 2, "teacher_epochs": 60,
+                    "epochs": 150, "lr": 5e-4, "teacher_lr": 2e-3},
     },
 )
 class EfficientAD(BaseDetector):
@@ -177,7 +177,7 @@ class EfficientAD(BaseDetector):
                  teacher_epochs: int = 100, epochs: int = 200, lr: float = 1e-4, teacher_lr: float = 1e-3,
                  batch_size: int = 4, hard_quantile: float = 0.999, q_a: float = 0.9, q_b: float = 0.995,
                  val_fraction: float = 0.1, patience: int = 1000, time_budget_s: float | None = None,
-                 seed: int = 0):
+                 max_steps: int | None = None, seed: int = 0):
         self.backbone = backbone
         self.weights = weights
         self.layers = tuple(layers)
@@ -194,6 +194,7 @@ class EfficientAD(BaseDetector):
         self.val_fraction = val_fraction
         self.patience = patience
         self.time_budget_s = time_budget_s
+        self.max_steps = max_steps
         self.seed = seed
 
     # --- pieces ---------------------------------------------------------------------------------------
@@ -213,7 +214,8 @@ class EfficientAD(BaseDetector):
         return ((t - mean) / std).contiguous()
 
     def _cfg(self, epochs: int, lr: float) -> TrainConfig:
-        return TrainConfig(epochs=epochs, lr=lr, weight_decay=1e-5, batch_size=self.batch_size,
+        return TrainConfig(max_steps=self.max_steps, epochs=epochs, lr=lr, weight_decay=1e-5,
+                           batch_size=self.batch_size,
                            cuda_batch_size=max(self.batch_size, 8), val_fraction=self.val_fraction,
                            patience=self.patience, time_budget_s=self.time_budget_s, seed=self.seed)
 

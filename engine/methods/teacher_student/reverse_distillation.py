@@ -165,8 +165,8 @@ def cosine_distance_map(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
           "upsampled 1 − cos maps, Gaussian σ = 4; image score: the map's maximum, as in the paper.",
     faithful=True, trained=True,
     presets={"test": {"epochs": 15},
-             "fast": {"epochs": 10},
-             "quality": {"epochs": 100, "patience": 15}},
+             "fast": {"max_steps": 60, "epochs": 10},
+             "quality": {"max_steps": 250, "epochs": 100, "patience": 15}},
 )
 class ReverseDistillation(BaseDetector):
     """Teacher encoder (frozen, cached features) -> OCBE -> decoder student; per-scale 1 − cos discrepancy."""
@@ -175,7 +175,7 @@ class ReverseDistillation(BaseDetector):
                  layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4"), code_channels: int = 256,
                  decoder_widths: tuple[int, ...] = (48, 80, 224), oce_blocks: int = 3, decoder_blocks: int = 2,
                  epochs: int = 10, lr: float = 5e-3, batch_size: int = 8, patience: int = 5, sigma: float = 4.0,
-                 seed: int = 0):
+                 max_steps: int | None = None, seed: int = 0):
         self.backbone = backbone
         self.weights = weights
         self.layers = tuple(layers)
@@ -188,6 +188,7 @@ class ReverseDistillation(BaseDetector):
         self.batch_size = batch_size
         self.patience = patience
         self.sigma = sigma
+        self.max_steps = max_steps
         self.seed = seed
 
     def _build(self) -> ReverseStudent:
@@ -214,7 +215,8 @@ class ReverseDistillation(BaseDetector):
             s = self.student_(t)
             return sum(cosine_distance_map(a, b.float()).mean() for a, b in zip(t, s, strict=True))
 
-        cfg = TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, patience=self.patience,
+        cfg = TrainConfig(max_steps=self.max_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                          patience=self.patience,
                           seed=self.seed)
         obj = Objective(self.student_.parameters(), loss, name="loss", betas=(0.5, 0.999))
         res = train_loop(obj, len(train), cfg, modules=[self.student_], device=self.device_, progress=progress)

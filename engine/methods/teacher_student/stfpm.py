@@ -70,8 +70,8 @@ def normalised_sq_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
           "Loss, product-of-scales anomaly map and max image score follow the paper; no smoothing by default.",
     faithful=True, trained=True,
     presets={"test": {"epochs": 10, "lr": 5e-3},
-             "fast": {"epochs": 10, "lr": 5e-3},
-             "quality": {"epochs": 100, "lr": 2e-3, "patience": 15}},
+             "fast": {"max_steps": 60, "epochs": 10, "lr": 5e-3},
+             "quality": {"max_steps": 250, "epochs": 100, "lr": 2e-3, "patience": 15}},
 )
 class STFPM(BaseDetector):
     """Student–teacher feature pyramid matching.
@@ -83,7 +83,8 @@ class STFPM(BaseDetector):
 
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
                  layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4"), epochs: int = 10,
-                 lr: float = 5e-3, batch_size: int = 8, patience: int = 5, sigma: float = 0.0, seed: int = 0):
+                 lr: float = 5e-3, batch_size: int = 8, patience: int = 5, sigma: float = 0.0,
+                 max_steps: int | None = None, seed: int = 0):
         self.backbone = backbone
         self.weights = weights
         self.layers = tuple(layers)
@@ -92,6 +93,7 @@ class STFPM(BaseDetector):
         self.batch_size = batch_size
         self.patience = patience
         self.sigma = sigma
+        self.max_steps = max_steps
         self.seed = seed
 
     def _teacher(self, images: ImageSet, progress: Progress = no_progress) -> list[torch.Tensor]:
@@ -110,7 +112,8 @@ class STFPM(BaseDetector):
             return sum(normalised_sq_distance(t[idx.to(self.device_)], s.float()).mean()
                        for t, s in zip(teacher, feats, strict=True))
 
-        cfg = TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, patience=self.patience,
+        cfg = TrainConfig(max_steps=self.max_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                          patience=self.patience,
                           seed=self.seed)
         res = train_loop(Objective(self.student_.parameters(), loss, name="loss"), len(train), cfg,
                          modules=[self.student_], device=self.device_, progress=progress)

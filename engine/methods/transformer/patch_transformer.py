@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.api import ConfigError, ImageSet, Prediction, Progress
-from engine.components.anomaly_map import to_pixel_map
+from engine.components.anomaly_map import local_average, resample_cells, to_pixel_map
 from engine.components.features import extract_features
 from engine.components.train_loop import Objective, TrainConfig, train_loop
 from engine.methods.base import BaseDetector, load_module_state, module_state
@@ -122,12 +122,18 @@ class ReconstructionTransformer(nn.Module):
 
 
 def to_grid(f: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Resize (N, C, h, w) to (N, C, *grid): area averaging when shrinking, bilinear when enlarging."""
+    """Resize (N, C, h, w) to (N, C, *grid) with every output cell centred where the grid's cell is.
+
+    Shrinking averages an odd window around the source cell each output cell sits on (so a stride-8 map
+    brought to a stride-16 grid averages cells 2j−1..2j+1, centred on pixel 16j like the stride-16 cell j;
+    plain 2×2 pooling would centre it 4 px off); enlarging interpolates. Both go through `resample_cells`.
+    """
     if tuple(f.shape[-2:]) == tuple(grid):
         return f
-    if f.shape[-2] >= grid[0] and f.shape[-1] >= grid[1]:
-        return F.adaptive_avg_pool2d(f, grid)
-    return F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+    factor = max(f.shape[-2] // grid[0], f.shape[-1] // grid[1])
+    if factor >= 2:
+        f = local_average(f, 2 * (factor // 2) + 1)
+    return resample_cells(f, grid)
 
 
 @register(
@@ -143,8 +149,8 @@ def to_grid(f: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     faithful=False, trained=True,
     presets={
         "test": {"epochs": 40, "enc_layers": 1, "dec_layers": 1},
-        "fast": {"epochs": 60, "enc_layers": 1, "dec_layers": 1},
-        "quality": {"epochs": 200, "enc_layers": 2, "dec_layers": 2, "d_model": 192, "lr": 5e-4},
+        "fast": {"max_steps": 300, "epochs": 60, "enc_layers": 1, "dec_layers": 1},
+        "quality": {"max_steps": 1200, "epochs": 200, "enc_layers": 2, "dec_layers": 2, "d_model": 192, "lr": 5e-4},
     },
 )
 class UniAD(BaseDetector):
@@ -154,7 +160,8 @@ class UniAD(BaseDetector):
                  layers: tuple[str, ...] = ("blocks.2", "blocks.4"), grid: int = 16, d_model: int = 128,
                  heads: int = 4, ff_dim: int = 256, enc_layers: int = 2, dec_layers: int = 2,
                  neighbour_size: int = 7, jitter_scale: float = 20.0, jitter_prob: float = 1.0,
-                 epochs: int = 60, lr: float = 1e-3, batch_size: int = 8, sigma: float = 4.0, seed: int = 0):
+                 epochs: int = 60, lr: float = 1e-3, batch_size: int = 8, sigma: float = 4.0,
+                 max_steps: int | None = None, seed: int = 0):
         self.backbone = backbone
         self.weights = weights
         self.layers = tuple(layers)
@@ -171,6 +178,7 @@ class UniAD(BaseDetector):
         self.lr = lr
         self.batch_size = batch_size
         self.sigma = sigma
+        self.max_steps = max_steps
         self.seed = seed
 
     # --- features ---------------------------------------------------------------------------------
@@ -225,7 +233,8 @@ class UniAD(BaseDetector):
             x = tok[idx.to(self.device_)]
             return float(F.mse_loss(self.net_(x, self.pos_, self.mask_).float(), x))
 
-        cfg = TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+        cfg = TrainConfig(max_steps=self.max_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                          seed=self.seed,
                           patience=max(5, self.epochs // 4))
         res = train_loop(Objective(self.net_.parameters(), loss, name="reconstruction"), len(train), cfg,
                          modules=[self.net_], device=self.device_, progress=progress, val_loss=val_loss)

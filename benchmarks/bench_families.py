@@ -1,0 +1,107 @@
+"""Every family on one dataset, one preset, one process: the table the family issues ask for.
+
+    OMP_NUM_THREADS=2 ADLAB_CACHE=/tmp/bench_cache .venv/bin/python benchmarks/bench_families.py \
+        ../shared/data/mpdd/metal_plate --preset fast --out /tmp/fam_mpdd_fast [--methods a,b] [--heatmaps]
+
+Runs `adlab run` (PatchCore first, as the yardstick, then the trained methods), prints one markdown row per
+method — image AUROC / pixel AUROC / AUPRO, fit and predict seconds (the shared backbone pass is charged to
+each method as if it ran alone), how training stopped — and with --heatmaps saves image | mask | map overlay
+for the same defective test image per method under benchmarks/out/heatmaps/<dataset>_<preset>/ (git-ignored).
+Results are cached: re-running after adding methods computes only the new ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import registry  # noqa: E402
+from engine.cli import main as cli_main  # noqa: E402
+from engine.data import discover  # noqa: E402
+from engine.runner import load_images, load_prediction  # noqa: E402
+
+DEFAULT = ["patchcore", "stfpm", "reverse_distillation", "efficient_ad", "patch_svdd", "fcdd", "fastflow", "cflow",
+           "autoencoder", "vae", "draem", "ganomaly", "uniad"]
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def table(results: dict) -> str:
+    """Markdown rows for a results.json dict."""
+    rows = ["| method | family | image AUROC | pixel AUROC | AUPRO | fit s | predict s | training |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        if r["status"] != "ok":
+            rows.append(f"| {r['method']} | {r['family']} | failed: {r.get('error')} | | | | | |")
+            continue
+        m, t = r["metrics"], r["timing"]
+        notes = r.get("run_notes") or {}
+        trained = ", ".join(f"{k} {v}" for k, v in notes.items() if k in ("epochs_run", "steps", "stopped"))
+        rows.append(f"| {r['method']}{'' if r.get('faithful', True) else ' (not faithful)'} | {r['family']} | "
+                    f"{_fmt(m.get('image_auroc'))} | {_fmt(m.get('pixel_auroc'))} | {_fmt(m.get('pixel_aupro'))} | "
+                    f"{t['fit_s']:.1f} | {t['predict_s']:.1f} | {trained} |")
+    return "\n".join(rows)
+
+
+def _jet(v: np.ndarray) -> np.ndarray:
+    return np.clip(np.stack([1.5 - abs(4 * v - 3), 1.5 - abs(4 * v - 2), 1.5 - abs(4 * v - 1)], -1), 0, 1)
+
+
+def save_heatmaps(results: dict, out_dir: Path) -> None:
+    """image | mask | min-max-scaled map over the image, for the first masked defective test image."""
+    from PIL import Image
+
+    ds = discover(results["dataset"]["path"])
+    test = load_images(ds, "test", results["config"]["image_size"])
+    held_out = set(results.get("labeled_anomalies", {}).get("paths", []))  # moved into training, not predicted
+    idx = next(i for i in range(len(test)) if int(test.labels[i]) == 1 and test.masks is not None
+               and test.masks[i].sum() > 0 and test.paths[i] not in held_out)
+    img = test.images[idx].permute(1, 2, 0).numpy().astype(np.float32) / 255
+    mask = np.repeat(test.masks[idx].numpy()[:, :, None].astype(np.float32), 3, 2)
+    gap = np.ones((img.shape[0], 4, 3), np.float32)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for r in results["runs"]:
+        pred = load_prediction(r) if r["status"] == "ok" else None
+        if pred is None or pred.maps is None:
+            continue
+        row_of = {rec["path"]: i for i, rec in enumerate(r["images"])}
+        m = pred.maps[row_of[test.paths[idx]]].numpy()
+        m = (m - m.min()) / max(1e-8, float(m.max() - m.min()))
+        row = np.concatenate([img, gap, mask, gap, 0.5 * img + 0.5 * _jet(m)], 1)
+        Image.fromarray((row * 255).astype(np.uint8)).save(out_dir / f"{r['method']}.png")
+    print(f"heatmaps for {test.paths[idx]} in {out_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data")
+    ap.add_argument("--preset", default="fast", choices=["fast", "quality"])
+    ap.add_argument("--methods", default=",".join(DEFAULT))
+    ap.add_argument("--image-size", default="256")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--heatmaps", action="store_true")
+    args = ap.parse_args(argv)
+    for name in args.methods.split(","):
+        registry.info(name)  # fail early on a typo
+    rc = cli_main(["run", args.data, "--methods", args.methods, "--preset", args.preset,
+                   "--image-size", args.image_size, "--out", args.out])
+    results = json.loads((Path(args.out) / "results.json").read_text())
+    cat = Path(args.data).resolve()
+    print(f"\n{cat.parent.name}/{cat.name}, {args.image_size} px, preset {args.preset}")
+    print(table(results))
+    if args.heatmaps:
+        here = Path(__file__).resolve().parent
+        save_heatmaps(results, here / "out" / "heatmaps" / f"{cat.parent.name}_{cat.name}_{args.preset}")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""The shared training loop: step caps, stopping reasons, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine import registry
+from engine.components.train_loop import Objective, TrainConfig, batches_per_epoch, planned_epochs, train_loop
+
+
+def _problem(seed: int = 0) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    torch.manual_seed(seed)
+    return nn.Linear(4, 1), x, y
+
+
+def _fit(cfg: TrainConfig) -> tuple[nn.Linear, object, list[int]]:
+    net, x, y = _problem()
+    seen: list[int] = []
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        seen.append(len(idx))
+        return ((net(x[idx])[:, 0] - y[idx]) ** 2).mean()
+
+    res = train_loop(Objective(net.parameters(), loss), len(x), cfg, modules=[net])
+    return net, res, seen
+
+
+@pytest.mark.parametrize(("n", "bs", "want"), [(36, 8, 5), (33, 8, 4), (1, 8, 1), (16, 8, 2), (17, 8, 2)])
+def test_batches_per_epoch_skips_a_lone_last_item(n: int, bs: int, want: int) -> None:
+    assert batches_per_epoch(n, bs) == want
+
+
+def test_max_steps_caps_the_optimiser_steps() -> None:
+    # 40 items, 4 held out -> 36 train, batch 8 -> 5 batches/epoch; 12 steps = 2 full epochs + 2 batches.
+    cfg = TrainConfig(epochs=50, max_steps=12, batch_size=8, patience=1000, seed=0)
+    _, res, _ = _fit(cfg)
+    assert res.steps == 12
+    assert res.stopped == "max_steps"
+    assert len(res.history) == planned_epochs(36, 8, 50, 12) == 3
+
+
+def test_epochs_bind_when_the_cap_is_larger() -> None:
+    _, res, _ = _fit(TrainConfig(epochs=2, max_steps=1000, batch_size=8, patience=1000))
+    assert (res.steps, res.stopped, len(res.history)) == (10, "epochs", 2)
+
+
+def test_training_is_deterministic_with_a_seed() -> None:
+    cfg = TrainConfig(epochs=3, max_steps=11, batch_size=8, seed=3)
+    a, _, _ = _fit(cfg)
+    b, _, _ = _fit(cfg)
+    assert torch.equal(a.weight, b.weight)
+
+
+def test_fast_and_quality_presets_bound_every_epoch_trained_method() -> None:
+    """A large dataset must not make the fast preset run for hours: every trained method either caps its steps
+    or trains a fixed number of steps per epoch; the quality preset trains at least as long as fast."""
+    for info in registry.available():
+        if not info.trained:
+            continue
+        fast, quality = info.presets["fast"], info.presets["quality"]
+        if "steps_per_epoch" in fast:
+            continue
+        assert fast.get("max_steps"), f"{info.name}: fast preset has no max_steps"
+        assert quality.get("max_steps", 0) >= fast["max_steps"], info.name
