@@ -56,18 +56,25 @@ def _jet(v: np.ndarray) -> np.ndarray:
 
 
 def save_heatmaps(results: dict, out_dir: Path) -> None:
-    """image | mask | min-max-scaled map over the image, for the first masked defective test image."""
+    """image | mask | min-max-scaled map over the image, for one defective test image with a mask."""
     from PIL import Image
 
     ds = discover(results["dataset"]["path"])
     test = load_images(ds, "test", results["config"]["image_size"])
     held_out = set(results.get("labeled_anomalies", {}).get("paths", []))  # moved into training, not predicted
-    idx = next(i for i in range(len(test)) if int(test.labels[i]) == 1 and test.masks is not None
-               and test.masks[i].sum() > 0 and test.paths[i] not in held_out)
+    if test.masks is None:
+        return
+    frac = test.masks.flatten(1).float().mean(1)
+    # The defective image whose defect covers closest to 5% of it: small enough for the map to have to find it.
+    cands = [i for i in range(len(test)) if int(test.labels[i]) == 1 and frac[i] > 0 and test.paths[i] not in held_out]
+    if not cands:
+        return
+    idx = min(cands, key=lambda i: (abs(float(frac[i]) - 0.05), test.paths[i]))
     img = test.images[idx].permute(1, 2, 0).numpy().astype(np.float32) / 255
     mask = np.repeat(test.masks[idx].numpy()[:, :, None].astype(np.float32), 3, 2)
     gap = np.ones((img.shape[0], 4, 3), np.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tiles: list[tuple[str, np.ndarray]] = [("image", img), ("mask", mask)]
     for r in results["runs"]:
         pred = load_prediction(r) if r["status"] == "ok" else None
         if pred is None or pred.maps is None:
@@ -77,7 +84,24 @@ def save_heatmaps(results: dict, out_dir: Path) -> None:
         m = (m - m.min()) / max(1e-8, float(m.max() - m.min()))
         row = np.concatenate([img, gap, mask, gap, 0.5 * img + 0.5 * _jet(m)], 1)
         Image.fromarray((row * 255).astype(np.uint8)).save(out_dir / f"{r['method']}.png")
+        tiles.append((r["method"], row[:, -img.shape[1]:]))
+    _contact_sheet(tiles).save(out_dir / "all.png")
     print(f"heatmaps for {test.paths[idx]} in {out_dir}")
+
+
+def _contact_sheet(tiles: list[tuple[str, np.ndarray]], cols: int = 5) -> object:
+    """One labelled picture of (name, (H, W, 3) float image) tiles, `cols` per row."""
+    from PIL import Image, ImageDraw
+
+    h, w = tiles[0][1].shape[:2]
+    rows = (len(tiles) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (w + 4), rows * (h + 18)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (name, t) in enumerate(tiles):
+        x, y = (k % cols) * (w + 4), (k // cols) * (h + 18)
+        sheet.paste(Image.fromarray((t * 255).astype(np.uint8)), (x, y + 16))
+        draw.text((x + 2, y + 2), name, fill="black")
+    return sheet
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,17 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("data")
     ap.add_argument("--preset", default="fast", choices=["fast", "quality"])
     ap.add_argument("--methods", default=",".join(DEFAULT))
-    ap.add_argument("--image-size", default="256")
+    ap.add_argument("--image-size", default=None, help="px (default: the CLI's: 256 or the images' own size)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--heatmaps", action="store_true")
     args = ap.parse_args(argv)
     for name in args.methods.split(","):
         registry.info(name)  # fail early on a typo
-    rc = cli_main(["run", args.data, "--methods", args.methods, "--preset", args.preset,
-                   "--image-size", args.image_size, "--out", args.out])
+    size = ["--image-size", args.image_size] if args.image_size else []
+    rc = cli_main(["run", args.data, "--methods", args.methods, "--preset", args.preset, *size, "--out", args.out])
     results = json.loads((Path(args.out) / "results.json").read_text())
     cat = Path(args.data).resolve()
-    print(f"\n{cat.parent.name}/{cat.name}, {args.image_size} px, preset {args.preset}")
+    print(f"\n{cat.parent.name}/{cat.name}, {results['config']['image_size']} px, preset {args.preset}")
     print(table(results))
     if args.heatmaps:
         here = Path(__file__).resolve().parent
