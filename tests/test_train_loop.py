@@ -44,6 +44,11 @@ def test_max_steps_caps_the_optimiser_steps() -> None:
     assert len(res.history) == planned_epochs(36, 8, 50, 12) == 3
 
 
+def test_a_cap_inside_the_only_epoch_is_reported() -> None:
+    _, res, _ = _fit(TrainConfig(epochs=1, max_steps=2, batch_size=8, patience=1000))
+    assert (res.steps, res.stopped, len(res.history)) == (2, "max_steps", 1)
+
+
 def test_epochs_bind_when_the_cap_is_larger() -> None:
     _, res, _ = _fit(TrainConfig(epochs=2, max_steps=1000, batch_size=8, patience=1000))
     assert (res.steps, res.stopped, len(res.history)) == (10, "epochs", 2)

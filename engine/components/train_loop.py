@@ -156,7 +156,8 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
             res.stopped = "time_budget"
             break
     else:
-        if n_epochs < cfg.epochs:
+        if cfg.max_steps is not None and res.steps >= cfg.max_steps \
+                and res.steps < cfg.epochs * batches_per_epoch(len(train_idx), bs):
             res.stopped = "max_steps"
     if best_state is not None:
         for m, sd in zip(modules, best_state, strict=True):
