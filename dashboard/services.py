@@ -441,6 +441,12 @@ def start_run(session: str, dataset_path: str, methods: list[str], *, image_size
     return job_manager().submit(session, dataset_path, cfg)
 
 
+def run_notes_text(run: dict[str, Any] | None) -> str:
+    """A run's own notes (how training went, warnings such as a GAN's mode collapse) as one line; '' if none."""
+    notes = (run or {}).get("run_notes") or {}
+    return "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in notes.items() if v not in (None, ""))
+
+
 def job_view(job: Job) -> dict[str, Any]:
     """A snapshot of a job for the page: state, queue position, per-method progress rows, error."""
     rows = []
@@ -458,7 +464,7 @@ def job_view(job: Job) -> dict[str, Any]:
         label = "cancelled before it finished" if status == "cancelled" else p.label()
         rows.append({"method": m, "status": status, "fraction": min(1.0, p.fraction), "label": label,
                      "error": (rec or {}).get("error") or p.error, "auroc": auroc,
-                     "cached": bool(rec and rec.get("cached"))})
+                     "cached": bool(rec and rec.get("cached")), "notes": run_notes_text(rec)})
     return {"state": job.state, "cancelling": job.cancel.is_set() and job.active,
             "queue_position": job_manager().queue_position(job), "rows": rows,
             "error": job.error, "digest": job.digest, "elapsed": (job.finished or time.time()) - job.created}
@@ -576,7 +582,7 @@ def metrics_table(results: dict[str, Any] | None) -> pd.DataFrame:
             "pixel AUROC": m.get("pixel_auroc"), "AUPRO": m.get("pixel_aupro"),
             "fit s": t.get("fit_s"), "predict s": t.get("predict_s"), "images/s": t.get("images_per_s"),
             "peak MB": t.get("peak_mem_mb"), "faithful": r.get("faithful", True), "weights": r.get("weights"),
-            "error": r.get("error"),
+            "notes": run_notes_text(r) or None, "error": r.get("error"),
         })
     return pd.DataFrame(rows)
 

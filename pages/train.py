@@ -83,6 +83,10 @@ def _show(view: dict) -> None:
             extra = " (from cache)" if row["cached"] else ""
             auroc = "n/a" if row["auroc"] is None else f"{row['auroc']:.3f}"
             st.success(f"**{row['method']}** done{extra} — image AUROC {auroc}", icon=":material/check:")
+            if "WARNING" in row["notes"]:
+                st.warning(f"**{row['method']}**: {row['notes']}", icon=":material/warning:")
+            elif row["notes"]:
+                st.caption(f"{row['method']}: {row['notes']}")
         else:
             st.progress(row["fraction"], text=f"**{row['method']}** — {row['label']}")
     if view["state"] == "failed":

@@ -167,3 +167,16 @@ def test_job_manager_queue_and_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(started) == 1
     with pytest.raises(services.UserError, match="Pick at least one"):
         jm.submit("s3", path, services.RunConfig(methods=[]))
+
+
+def test_run_notes_reach_the_tables() -> None:
+    """How training went (and a GAN's collapse warning) is shown, not only stored in results.json."""
+    from dashboard import services
+
+    run = {"method": "ganomaly", "family": "gan", "status": "ok", "metrics": {"image_auroc": 0.5},
+           "timing": {}, "images": [], "run_notes": {"training": "200 steps in 40 epochs; WARNING mode collapse",
+                                                     "resolution": "64 px", "empty": None}}
+    assert services.run_notes_text(run) == "training: 200 steps in 40 epochs; WARNING mode collapse; resolution: 64 px"
+    assert services.run_notes_text({"method": "padim"}) == ""
+    df = services.metrics_table({"runs": [run]})
+    assert "WARNING mode collapse" in df.loc[0, "notes"]

@@ -129,7 +129,7 @@ def test_ganomaly_fails_when_scores_are_all_equal(sample_brick, monkeypatch) -> 
 def test_ganomaly_reports_runaway_discriminator(gan_fit, sample_brick) -> None:
     x = gan_fit._prepare(sample_brick[0])
     log = [(0.7, 0.1, 0.1, 0.1)] * 5 + [(1e-5, 5.0, 0.1, 0.1)] * 20
-    assert "WARNING divergence" in gan_fit._diagnose(x, log, 0, "epochs", 1)
+    assert "WARNING divergence" in gan_fit._diagnose(x, log, 0, "40 steps in 2 epochs")
 
 
 def test_uniad_token_grid_keeps_cells_over_their_pixels() -> None:

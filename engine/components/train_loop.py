@@ -60,6 +60,14 @@ class TrainResult:
     best_epoch: int = -1
     stopped: str = "epochs"  # "epochs" | "max_steps" | "early_stop" | "time_budget"
     steps: int = 0
+
+    def summary(self) -> str:
+        """One line for the run's notes, e.g. '600 steps in 2 epochs; stopped at the step cap (best epoch 2)'."""
+        why = {"epochs": "all epochs run", "max_steps": "stopped at the preset's step cap",
+               "early_stop": "stopped early (held-out loss no longer improving)",
+               "time_budget": "stopped at the time budget"}.get(self.stopped, self.stopped)
+        best = f", best epoch {self.best_epoch} kept" if self.best_epoch > 0 else ""
+        return f"{self.steps} steps in {len(self.history)} epochs, {self.seconds:.0f} s; {why}{best}"
     seconds: float = 0.0
 
 

@@ -162,6 +162,7 @@ class Autoencoder(ReconstructionDetector):
         res = train_loop(Objective(self.net_.parameters(), loss), len(x), self._train_config(), modules=[self.net_],
                          device=self.device_, progress=progress, val_loss=lambda i: float(loss(i, False)))
         self.history_ = res.history
+        self.run_notes_ = {"training": res.summary()}
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, size, size) in [0, 1] -> reconstructions of the same shape (eval mode)."""

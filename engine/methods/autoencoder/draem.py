@@ -101,6 +101,7 @@ class Draem(ReconstructionDetector):
         res = train_loop(Objective(self.net_.parameters(), loss), len(x), self._train_config(), modules=[self.net_],
                          device=self.device_, progress=progress, val_loss=val_loss)
         self.history_ = res.history
+        self.run_notes_ = {"training": res.summary()}
 
     def _forward(self, b: torch.Tensor) -> torch.Tensor:
         _, logits = self.net_(b)

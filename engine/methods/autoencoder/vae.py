@@ -96,6 +96,7 @@ class VAE(ReconstructionDetector):
         res = train_loop(Objective(self.net_.parameters(), loss), len(x), self._train_config(), modules=[self.net_],
                          device=self.device_, progress=progress, val_loss=lambda i: float(loss(i, False)))
         self.history_ = res.history
+        self.run_notes_ = {"training": res.summary()}
 
     def _forward(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.net_.posterior(b)

@@ -139,7 +139,7 @@ class CFlow(BaseDetector):
         res = train_loop(Objective(list(self.flows_.parameters()), loss), n * h0 * w0, cfg, modules=[self.flows_],
                          device=self.device_, progress=progress)
         self.train_history_ = res.history
-        self.run_notes_ = {"stopped": res.stopped, "best_epoch": res.best_epoch, "epochs_run": len(res.history)}
+        self.run_notes_ = {"training": res.summary()}
         with torch.no_grad():
             self.max_log_p_ = torch.stack([lp.max() for lp in self._scale_log_p(feats)]).double()
 

@@ -104,7 +104,7 @@ class FastFlow(BaseDetector):
         res = train_loop(Objective(list(self.flows_.parameters()), loss), len(train), cfg, modules=[self.flows_],
                          device=self.device_, progress=progress)
         self.train_history_ = res.history
-        self.run_notes_ = {"stopped": res.stopped, "best_epoch": res.best_epoch, "epochs_run": len(res.history)}
+        self.run_notes_ = {"training": res.summary()}
 
     def _predict(self, images: ImageSet) -> Prediction:
         feats = self._features(images)

@@ -217,11 +217,11 @@ class GANomaly(BaseDetector):
         res = train_loop(objectives, len(train), cfg, modules=[self.netg_, netd], device=self.device_,
                          progress=progress, val_loss=val_loss)
         self.history_ = res.history
-        self.run_notes_ = {"training": self._diagnose(x_all, log, reinits[0], res.stopped, res.best_epoch),
+        self.run_notes_ = {"training": self._diagnose(x_all, log, reinits[0], res.summary()),
                            "resolution": f"trained and scored at {self.size}×{self.size} px"}
 
     def _diagnose(self, x_all: torch.Tensor, log: list[tuple[float, float, float, float]], reinits: int,
-                  stopped: str, best_epoch: int) -> str:
+                  summary: str) -> str:
         """Check for mode collapse and a runaway discriminator; raise MethodFailure when scores are unusable."""
         with torch.no_grad():
             fake, z, zo = self._forward_batches(x_all)
@@ -234,7 +234,7 @@ class GANomaly(BaseDetector):
             raise MethodFailure(f"ganomaly: the generator collapsed: every training image gets the same {self.score} "
                                 "score, so its scores cannot rank anomalies; try another seed, a lower lr or "
                                 "fewer epochs")
-        msgs: list[str] = [f"{len(self.history_)} epochs ({stopped}), best epoch {best_epoch}"]
+        msgs: list[str] = [summary]
         if len(x_all) > 1:
             real_sd = float(x_all.std(0).mean())
             fake_sd = float(fake.std(0).mean())

@@ -125,6 +125,7 @@ class FCDD(BaseDetector):
         res = train_loop(Objective(head.parameters(), loss, name="fcdd"), len(x), cfg, modules=[head], device=dev,
                          progress=progress)
         self.history_ = res.history
+        self.run_notes_ = {"training": res.summary()}
 
     def heatmaps(self, images: ImageSet) -> torch.Tensor:
         """Pseudo-Huber heatmaps A (N, h, w) at the feature resolution."""

@@ -137,7 +137,7 @@ class PatchSVDD(BaseDetector):
             d = self._sq_dist(emb)
         if float(d.std()) <= 1e-6 * float(d.mean() + 1e-12):
             raise MethodFailure("patch_svdd collapsed: every training patch maps to the same point")
-        self.run_notes_ = {"epochs_run": len(res.history), "stopped": res.stopped, "best_epoch": res.best_epoch}
+        self.run_notes_ = {"training": res.summary()}
 
     def _predict(self, images: ImageSet) -> Prediction:
         emb = self._embed(images)

@@ -302,13 +302,14 @@ class EfficientAD(BaseDetector):
                         len(train), self._cfg(self.epochs, self.lr), modules=[student, ae], device=dev,
                         progress=progress)
         self.history_ = {"teacher": r1.history, "student": r2.history}
+        self.run_notes_ = {"teacher distillation": r1.summary(), "training": r2.summary()}
 
         # (4) quantiles of both maps on the held-out normal slice (the train_loop's validation slice)
         _, val_idx = split_indices(len(train), self.val_fraction, torch.Generator().manual_seed(self.seed))
         if len(val_idx) == 0:
             val_idx = torch.arange(len(train))
-            self.run_notes_ = {"quantiles": "fewer than 4 training images: map quantiles estimated on the "
-                                            "training images themselves (no held-out slice)"}
+            self.run_notes_["quantiles"] = ("fewer than 4 training images: map quantiles estimated on the "
+                                            "training images themselves (no held-out slice)")
         with torch.no_grad():
             st, aem = self._maps_batched(imgs[val_idx])
         self._set_quantiles(st, aem)

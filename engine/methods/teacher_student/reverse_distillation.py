@@ -221,7 +221,7 @@ class ReverseDistillation(BaseDetector):
         obj = Objective(self.student_.parameters(), loss, name="loss", betas=(0.5, 0.999))
         res = train_loop(obj, len(train), cfg, modules=[self.student_], device=self.device_, progress=progress)
         self.history_ = res.history
-        self.run_notes_ = {"epochs_run": len(res.history), "stopped": res.stopped, "best_epoch": res.best_epoch}
+        self.run_notes_ = {"training": res.summary()}
 
     def _predict(self, images: ImageSet) -> Prediction:
         teacher = self._teacher(images)

@@ -118,7 +118,7 @@ class STFPM(BaseDetector):
         res = train_loop(Objective(self.student_.parameters(), loss, name="loss"), len(train), cfg,
                          modules=[self.student_], device=self.device_, progress=progress)
         self.history_ = res.history
-        self.run_notes_ = {"epochs_run": len(res.history), "stopped": res.stopped, "best_epoch": res.best_epoch}
+        self.run_notes_ = {"training": res.summary()}
 
     def _student(self, images: ImageSet) -> list[torch.Tensor]:
         """Student features per layer, (N, C_l, h_l, w_l) float32 on CPU, computed in batches."""

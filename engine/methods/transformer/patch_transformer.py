@@ -239,7 +239,7 @@ class UniAD(BaseDetector):
         res = train_loop(Objective(self.net_.parameters(), loss, name="reconstruction"), len(train), cfg,
                          modules=[self.net_], device=self.device_, progress=progress, val_loss=val_loss)
         self.history_ = res.history
-        self.run_notes_ = {"training": f"{len(res.history)} epochs ({res.stopped}), best epoch {res.best_epoch}"}
+        self.run_notes_ = {"training": res.summary()}
 
     def _error_grid(self, images: ImageSet) -> torch.Tensor:
         """Per-position reconstruction error ‖f − f̂‖₂ on the token grid (N, grid, grid)."""
