@@ -44,7 +44,7 @@ def table(results: dict) -> str:
             continue
         m, t = r["metrics"], r["timing"]
         notes = r.get("run_notes") or {}
-        trained = ", ".join(f"{k} {v}" for k, v in notes.items() if k in ("epochs_run", "steps", "stopped"))
+        trained = str(notes.get("training", "")).split(";")[0]  # "N steps in E epochs, S s" (trained methods)
         rows.append(f"| {r['method']}{'' if r.get('faithful', True) else ' (not faithful)'} | {r['family']} | "
                     f"{_fmt(m.get('image_auroc'))} | {_fmt(m.get('pixel_auroc'))} | {_fmt(m.get('pixel_aupro'))} | "
                     f"{t['fit_s']:.1f} | {t['predict_s']:.1f} | {trained} |")
