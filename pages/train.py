@@ -43,8 +43,14 @@ with st.container(border=True):
                                 help="Pretrained network whose features most methods build on.")
         o2.caption(f"Weights: {services.weights_source(backbone)}")
         preset = o3.radio("Preset", ["fast", "quality"], horizontal=True, key="preset",
-                          help="fast: smaller memory banks / fewer epochs; quality: the papers' larger settings.")
-        o3.caption(f"Device: {services.device_name()}")
+                          help="fast: a 1% PatchCore coreset and a bounded number of training steps per method "
+                               "(minutes on a CPU, whatever the dataset size); quality: about 4x the training "
+                               "steps, EfficientAD at the paper's width and PatchCore's exact 10% coreset.")
+        device = services.device_name()
+        o3.caption(f"Device: {device}")
+        if preset == "quality" and not device.lower().startswith("cuda"):
+            o3.caption(":orange[On a CPU, quality can take an hour per trained method on a few hundred images "
+                       "(EfficientAD: about an hour on 41).]")
     problem = services.check_config(picked, int(labeled))
     job = services.job_manager().get(sid)
     running = job is not None and job.active

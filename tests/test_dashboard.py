@@ -180,3 +180,14 @@ def test_run_notes_reach_the_tables() -> None:
     assert services.run_notes_text({"method": "padim"}) == ""
     df = services.metrics_table({"runs": [run]})
     assert "WARNING mode collapse" in df.loc[0, "notes"]
+
+
+def test_quality_preset_on_cpu_warns_about_time() -> None:
+    from dashboard import services
+
+    at = _app()
+    _goto(at, "train")
+    assert not any("hour" in c.value for c in at.caption)
+    at.radio(key="preset").set_value("quality").run()
+    warned = any("hour" in c.value for c in at.caption)
+    assert warned != services.device_name().startswith("cuda")
