@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dashboard.views.images import heat_overlay  # noqa: E402  (the same overlay the Heatmaps page draws)
 from engine import registry  # noqa: E402
 from engine.cli import main as cli_main  # noqa: E402
 from engine.data import discover  # noqa: E402
@@ -51,10 +52,6 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def _jet(v: np.ndarray) -> np.ndarray:
-    return np.clip(np.stack([1.5 - abs(4 * v - 3), 1.5 - abs(4 * v - 2), 1.5 - abs(4 * v - 1)], -1), 0, 1)
-
-
 def save_heatmaps(results: dict, out_dir: Path) -> None:
     """image | mask | min-max-scaled map over the image, for one defective test image with a mask."""
     from PIL import Image
@@ -81,8 +78,8 @@ def save_heatmaps(results: dict, out_dir: Path) -> None:
             continue
         row_of = {rec["path"]: i for i, rec in enumerate(r["images"])}
         m = pred.maps[row_of[test.paths[idx]]].numpy()
-        m = (m - m.min()) / max(1e-8, float(m.max() - m.min()))
-        row = np.concatenate([img, gap, mask, gap, 0.5 * img + 0.5 * _jet(m)], 1)
+        over = heat_overlay(img, m, float(m.min()), float(m.max()), 0.5).astype(np.float32) / 255
+        row = np.concatenate([img, gap, mask, gap, over], 1)
         Image.fromarray((row * 255).astype(np.uint8)).save(out_dir / f"{r['method']}.png")
         tiles.append((r["method"], row[:, -img.shape[1]:]))
     _contact_sheet(tiles).save(out_dir / "all.png")
