@@ -7,6 +7,7 @@ resizing to a working resolution, seeded flip augmentation, and reconstruction-e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,10 +54,15 @@ class ReconstructionDetector(BaseDetector):
         x = torch.where(h[:, None, None, None], x.flip(-1), x)
         return torch.where(v[:, None, None, None], x.flip(-2), x)
 
-    def _train_config(self) -> TrainConfig:
-        return TrainConfig(max_steps=self.max_steps, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                           seed=self.seed,
-                           patience=max(5, self.epochs // 4))
+    def _train(self, loss: Callable[[torch.Tensor], torch.Tensor], n_items: int, progress: Progress,
+               val_loss: Callable[[torch.Tensor], float]) -> None:
+        """Train `net_` on `loss(idx)` with the shared loop and the subclass's epochs/steps; note how it went."""
+        cfg = TrainConfig(max_steps=self.max_steps, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                          seed=self.seed, patience=max(5, self.epochs // 4))
+        res = train_loop(Objective(self.net_.parameters(), loss), n_items, cfg, modules=[self.net_],
+                         device=self.device_, progress=progress, val_loss=val_loss)
+        self.history_ = res.history
+        self.run_notes_ = {"training": res.summary()}
 
     def _error_map(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         """Blend of per-pixel error and structural dissimilarity, smoothed: (N, 3, h, w) x2 -> (N, h, w).
@@ -159,10 +165,7 @@ class Autoencoder(ReconstructionDetector):
             rec = self.net_(b)
             return F.mse_loss(rec, b) + self.ssim_loss_weight * (1 - ssim_map(rec, b).mean())
 
-        res = train_loop(Objective(self.net_.parameters(), loss), len(x), self._train_config(), modules=[self.net_],
-                         device=self.device_, progress=progress, val_loss=lambda i: float(loss(i, False)))
-        self.history_ = res.history
-        self.run_notes_ = {"training": res.summary()}
+        self._train(loss, len(x), progress, val_loss=lambda i: float(loss(i, False)))
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, size, size) in [0, 1] -> reconstructions of the same shape (eval mode)."""

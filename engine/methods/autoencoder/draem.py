@@ -11,7 +11,6 @@ from engine.api import ImageSet, Prediction, Progress
 from engine.components.anomaly_map import gaussian_blur
 from engine.components.nets import UNet, ssim_map
 from engine.components.synthetic_anomalies import make_anomalies
-from engine.components.train_loop import Objective, train_loop
 from engine.methods.autoencoder.autoencoder import ConvAE, ReconstructionDetector
 from engine.registry import register
 
@@ -98,10 +97,7 @@ class Draem(ReconstructionDetector):
         def val_loss(idx: torch.Tensor) -> float:  # the same synthetic anomalies every epoch
             return float(loss(idx, torch.Generator().manual_seed(self.seed + 1)))
 
-        res = train_loop(Objective(self.net_.parameters(), loss), len(x), self._train_config(), modules=[self.net_],
-                         device=self.device_, progress=progress, val_loss=val_loss)
-        self.history_ = res.history
-        self.run_notes_ = {"training": res.summary()}
+        self._train(loss, len(x), progress, val_loss=val_loss)
 
     def _forward(self, b: torch.Tensor) -> torch.Tensor:
         _, logits = self.net_(b)

@@ -9,7 +9,6 @@ from torch import nn
 
 from engine.api import ImageSet, Prediction, Progress
 from engine.components.nets import ConvDecoder, ConvEncoder, ssim_map
-from engine.components.train_loop import Objective, train_loop
 from engine.methods.autoencoder.autoencoder import ReconstructionDetector
 from engine.registry import register
 
@@ -93,10 +92,7 @@ class VAE(ReconstructionDetector):
             return (F.mse_loss(rec, b) + self.ssim_loss_weight * (1 - ssim_map(rec, b).mean())
                     + self.kl_weight * self.net_.kl(mu, logvar).mean())
 
-        res = train_loop(Objective(self.net_.parameters(), loss), len(x), self._train_config(), modules=[self.net_],
-                         device=self.device_, progress=progress, val_loss=lambda i: float(loss(i, False)))
-        self.history_ = res.history
-        self.run_notes_ = {"training": res.summary()}
+        self._train(loss, len(x), progress, val_loss=lambda i: float(loss(i, False)))
 
     def _forward(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.net_.posterior(b)
