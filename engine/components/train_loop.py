@@ -78,10 +78,16 @@ def split_indices(n: int, val_fraction: float, generator: torch.Generator) -> tu
     return perm[n_val:], perm[:n_val]
 
 
+def batch_starts(n_train: int, bs: int) -> range:
+    """Start offsets of the batches an epoch takes from `n_train` items. A lone last item is skipped unless it
+    is the only one: it would give BatchNorm a batch of one."""
+    end = n_train - 1 if n_train >= 2 and n_train % bs == 1 else n_train
+    return range(0, end, bs)
+
+
 def batches_per_epoch(n_train: int, bs: int) -> int:
-    """Batches the loop takes from `n_train` items (a lone last item is skipped unless it is the only one)."""
-    n = len(range(0, n_train, bs))
-    return n - 1 if n_train >= 2 and n_train % bs == 1 else n
+    """Batches the loop takes from `n_train` items per epoch."""
+    return len(batch_starts(n_train, bs))
 
 
 def planned_epochs(n_train: int, bs: int, epochs: int, max_steps: int | None) -> int:
@@ -119,12 +125,10 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
         perm = train_idx[torch.randperm(len(train_idx), generator=g)]
         sums = [0.0] * len(objs)
         batches = 0
-        for s in range(0, len(perm), bs):
+        for s in batch_starts(len(perm), bs):
             if cfg.max_steps is not None and res.steps >= cfg.max_steps:
                 break
             idx = perm[s:s + bs]
-            if len(idx) < 2 and len(perm) >= 2:
-                continue  # a lone last item would give BatchNorm a batch of one
             for k, (o, opt) in enumerate(zip(objs, opts, strict=True)):
                 opt.zero_grad(set_to_none=True)
                 with autocast(device):
