@@ -36,12 +36,21 @@ def resample_cells(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear
     With symmetric padding, cell i of a stride-s feature map is centred on input pixel i·s, not on
     (i + 0.5)·s − 0.5 as `F.interpolate(align_corners=False)` assumes; that assumption shifts every map
     by (s − 1)/2 pixels down and right (7.5 px at stride 16). Here target cell p (centred on p·S with
-    S = image / H) reads source coordinate p·h/H, with border values beyond the last cell.
+    S = image / H) reads source coordinate p·h/H, with border values beyond the last cell; mode "nearest"
+    takes the source cell nearest that coordinate (ties to the lower index).
     """
     h, w = x.shape[-2:]
     big_h, big_w = size
     if (h, w) == (big_h, big_w):
         return x
+    if mode == "nearest":
+        # Exact integer arithmetic: a target cell halfway between two source cells takes the lower one
+        # (grid_sample would break such ties by floating-point noise, differently from cell to cell).
+        def nearest(n_src: int, n_dst: int) -> torch.Tensor:
+            p = torch.arange(n_dst, device=x.device)
+            return (-((n_dst - 2 * p * n_src) // (2 * n_dst))).clamp_(0, n_src - 1)  # ceil(p·n_src/n_dst − ½)
+
+        return x[..., nearest(h, big_h)[:, None], nearest(w, big_w)[None, :]]
 
     def axis(n_src: int, n_dst: int) -> torch.Tensor:
         c = torch.arange(n_dst, dtype=torch.float32, device=x.device) * (n_src / n_dst)
@@ -74,8 +83,19 @@ def resize_and_concat(feats: list[torch.Tensor], size: tuple[int, int] | None = 
     return torch.cat([resample_cells(f, size, mode) for f in feats], 1)
 
 
-def local_average(f: torch.Tensor, patch: int = 3) -> torch.Tensor:
-    """PatchCore's locally aware features: average over a patch×patch neighbourhood, same size."""
+PADDINGS = ("zero", "valid")
+
+
+def local_average(f: torch.Tensor, patch: int = 3, pad: str = "zero") -> torch.Tensor:
+    """Locally aware features (PatchCore): the mean over a patch×patch neighbourhood, (N, C, h, w) -> same shape.
+
+    pad "zero": border windows count the zero padding (divide by patch²), as PatchCore's paper code and
+    anomalib do; border cells shrink towards zero. "valid": border windows average only the cells inside
+    the map. The choice matters: on the bundled grass sample a full-bank PatchCore scored image AUROC
+    0.896 with "valid" and 1.000 with "zero".
+    """
+    if pad not in PADDINGS:
+        raise ValueError(f"pad must be one of {PADDINGS}, got {pad!r}")
     if patch <= 1:
         return f
-    return F.avg_pool2d(f, patch, stride=1, padding=patch // 2, count_include_pad=False)
+    return F.avg_pool2d(f, patch, stride=1, padding=patch // 2, count_include_pad=pad == "zero")

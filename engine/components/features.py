@@ -176,15 +176,15 @@ def backbone_seconds(images: ImageSet, layers: tuple[str, ...], *, backbone: str
 
 
 def patch_features(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "efficientnet_lite0",
-                   weights: str = "auto", device: str = "cpu", patch_size: int = 1,
+                   weights: str = "auto", device: str = "cpu", patch_size: int = 1, pad: str = "zero",
                    progress: Progress | None = None) -> torch.Tensor:
     """Cached features of several stages as one (N, ΣC, h, w) map at the first stage's resolution.
 
     patch_size > 1 averages each stage over a patch×patch neighbourhood first (PatchCore's locally aware
-    features); deeper stages are resampled so every cell stays over the pixels it sees.
+    features; `pad` as in `local_average`); deeper stages are resampled so every cell stays over the pixels it sees.
     """
     from engine.components.anomaly_map import local_average, resize_and_concat
 
     feats = extract_features(images, layers, backbone=backbone, weights=weights, device=device,
                              progress=progress or no_progress)
-    return resize_and_concat([local_average(f, patch_size) for f in feats])
+    return resize_and_concat([local_average(f, patch_size, pad) for f in feats])

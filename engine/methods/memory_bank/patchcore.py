@@ -20,6 +20,8 @@ from engine.registry import register
     summary="Memory bank of locally aware mid-level patch features, thinned by a greedy coreset; "
             "score = distance to the nearest normal patch.",
     notes="Layers blocks.2+blocks.4 of EfficientNet-Lite0 (strides 8/16) stand in for WideResNet layer2+layer3. "
+          "Locally aware features: 3x3 average with zero padding counted (pad='zero'), as the paper's code; "
+          "pad='valid' averages border windows over real cells only. "
           "Coreset 1% by default (the paper reports 1%, 10% and 25%; 'quality' uses 10%). When the training set "
           "has more than max_candidates patches (200k: ~200 images at 256 px) the greedy selection runs over a "
           "seeded random subset of that many, still keeping coreset_ratio of all patches; max_candidates=None "
@@ -35,13 +37,14 @@ class PatchCore(BaseDetector):
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
-                 layers: tuple[str, ...] = ("blocks.2", "blocks.4"), patch_size: int = 3,
+                 layers: tuple[str, ...] = ("blocks.2", "blocks.4"), patch_size: int = 3, pad: str = "zero",
                  coreset_ratio: float = 0.01, proj_dim: int = 128, max_candidates: int | None = 200_000,
                  num_neighbors: int = 9, sigma: float = 4.0, seed: int = 0):
         self.backbone = backbone
         self.weights = weights
         self.layers = tuple(layers)
         self.patch_size = patch_size
+        self.pad = pad
         self.coreset_ratio = coreset_ratio
         self.proj_dim = proj_dim
         self.max_candidates = max_candidates
@@ -52,7 +55,7 @@ class PatchCore(BaseDetector):
     def _embed(self, images: ImageSet, progress: Progress | None = None) -> torch.Tensor:
         """(N, D, h, w) locally aware patch embeddings at the resolution of the first layer."""
         return patch_features(images, self.layers, backbone=self.backbone, weights=self.weights,
-                              device=self.device_, patch_size=self.patch_size, progress=progress)
+                              device=self.device_, patch_size=self.patch_size, pad=self.pad, progress=progress)
 
     def _fit(self, train: ImageSet, anomalies: ImageSet | None, progress: Progress) -> None:
         emb = self._embed(train, progress)

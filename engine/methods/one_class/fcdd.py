@@ -55,7 +55,8 @@ class FCDDHead(nn.Module):
     family="one_class", name="fcdd", localises=True, trained=True, paper="Liznerski et al., ICLR 2021",
     summary="Fully convolutional one-class network: normal patches map near zero, synthetic outliers far; "
             "the pseudo-Huber output is itself the heatmap.",
-    notes="Frozen ImageNet EfficientNet-Lite0 (blocks.2+blocks.4, stride 8, channel-standardised) instead of a "
+    notes="Frozen ImageNet EfficientNet-Lite0 (blocks.2+blocks.4, stride 8, channel-standardised, no local averaging) "
+          "instead of a "
           "partly fine-tuned VGG11; only a small 1x1 fully convolutional head is trained. Outliers: the shared "
           "DRAEM-style Perlin/texture anomalies (engine.components.synthetic_anomalies), generated once per fit "
           "(`outliers_per_image` per training image) instead of fresh confetti noise each batch; labelled "

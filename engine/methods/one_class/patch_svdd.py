@@ -64,8 +64,9 @@ def guard_centre(c: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
     summary="Deep SVDD on pretrained patch features: a bias-free network pulls every normal patch towards one "
             "centre; the distance to it is the anomaly score.",
     notes="Follows Deep SVDD (one-class objective, fixed centre with the eps guard, bias-free network, unbounded "
-          "activation) applied per patch to frozen EfficientNet-Lite0 features (blocks.2+blocks.4, 3x3 local "
-          "average, stride 8) through a 1x1-conv network. It is NOT Patch SVDD: no encoder trained from pixels, "
+          "activation) applied per patch to frozen EfficientNet-Lite0 features (blocks.2+blocks.4, PatchCore's 3x3 "
+          "local average with zero padding, stride 8) through a 1x1-conv network. It is NOT Patch SVDD: no encoder "
+          "trained from pixels, "
           "no self-supervised relative-position task, no hierarchical patch encoders, and scores are distances to "
           "the centre rather than Patch SVDD's nearest-normal-patch distances. Deep SVDD's autoencoder "
           "pre-training is skipped (random init, seeded); the centre is the mean output of an initial forward "
@@ -79,7 +80,8 @@ class PatchSVDD(BaseDetector):
     """One-class Deep SVDD on patch embeddings (see module docstring)."""
 
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
-                 layers: tuple[str, ...] = ("blocks.2", "blocks.4"), patch_size: int = 3, hidden: int = 256,
+                 layers: tuple[str, ...] = ("blocks.2", "blocks.4"), patch_size: int = 3, pad: str = "zero",
+                 hidden: int = 256,
                  rep_dim: int = 64, depth: int = 2, centre_eps: float = 0.1, epochs: int = 30, lr: float = 1e-3,
                  weight_decay: float = 1e-6, batch_size: int = 8, patience: int = 5, sigma: float = 4.0,
                  top_k: int = 0, max_steps: int | None = None, seed: int = 0):
@@ -87,6 +89,7 @@ class PatchSVDD(BaseDetector):
         self.weights = weights
         self.layers = tuple(layers)
         self.patch_size = patch_size
+        self.pad = pad
         self.hidden = hidden
         self.rep_dim = rep_dim
         self.depth = depth
@@ -104,7 +107,7 @@ class PatchSVDD(BaseDetector):
     def _embed(self, images: ImageSet, progress: Progress | None = None) -> torch.Tensor:
         """(N, D, h, w) locally averaged patch features at the first layer's resolution."""
         return patch_features(images, self.layers, backbone=self.backbone, weights=self.weights,
-                              device=self.device_, patch_size=self.patch_size, progress=progress)
+                              device=self.device_, patch_size=self.patch_size, pad=self.pad, progress=progress)
 
     def _build(self, in_channels: int) -> SVDDProjector:
         with torch.random.fork_rng(devices=[]):
