@@ -71,12 +71,25 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"\n{r['method']} failed: {r['error']}", file=sys.stderr)
 
 
+_WORDS = {"none": None, "null": None, "true": True, "false": False}
+
+
 def _parse_value(value: str) -> Any:
-    """JSON when it parses (numbers, true/false, lists), else the plain string."""
+    """A `--param` value: None/null, true/false (any case), numbers, JSON lists, `a,b` or `(a, b)` tuples,
+    else the plain string. The method's own annotations then check the type (registry.check_params)."""
+    v = value.strip()
+    if v.lower() in _WORDS:
+        return _WORDS[v.lower()]
+    if v.startswith("(") and v.endswith(")"):
+        v = v[1:-1]
+        return tuple(_parse_value(x) for x in v.split(",") if x.strip())
     try:
-        return json.loads(value)
+        return json.loads(v)
     except json.JSONDecodeError:
-        return value
+        pass
+    if "," in v:
+        return tuple(_parse_value(x) for x in v.split(",") if x.strip())
+    return v
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -179,7 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.fn(args))
+    try:
+        return int(args.fn(args))
+    except BrokenPipeError:
+        # The reader went away (`adlab methods | head`): stop quietly, and keep Python's exit-time flush of
+        # stdout from raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ Every page, the CLI and the README table read this registry; nothing lists metho
 from __future__ import annotations
 
 import importlib
+import inspect
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -153,7 +156,88 @@ def create(name: str, *, preset: str | None = None, **params: Any) -> Any:
         merged.update(mi.presets.get(preset) or (mi.presets.get("fast", {}) if preset == "test" else {}))
     merged.update(params)
     assert mi.factory is not None
+    merged = check_params(name, mi.factory, merged)
     try:
         return mi.factory(**merged)
     except TypeError as e:
         raise ConfigError(f"bad parameters for {name}: {e}") from e
+
+
+def check_params(name: str, cls: type, params: dict[str, Any]) -> dict[str, Any]:
+    """Params checked against the annotations of `cls.__init__`; returns them coerced (int -> float, list -> tuple).
+
+    An unknown name or a value of the wrong type is a ConfigError that names `method.param`, the expected
+    type and the value, instead of a TypeError deep inside fit.
+    """
+    sig = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__)
+    out = {}
+    for key, value in params.items():
+        if key not in sig.parameters:
+            known = ", ".join(p for p in sig.parameters if p != "self")
+            raise ConfigError(f"{name} has no parameter {key!r}; its parameters are: {known}")
+        hint = hints.get(key, Any)
+        try:
+            out[key] = _coerce(value, hint)
+        except TypeError:
+            raise ConfigError(f"{name}.{key} expects {_type_name(hint)}, got {value!r} "
+                              f"({type(value).__name__})") from None
+    return out
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` as an instance of the annotation `hint`; TypeError when it is not one."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
+    if hint is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise TypeError
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if args and len(args) != len(value):
+            raise TypeError
+        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True)) if args else tuple(value)
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    """'an integer or None', 'a tuple of str', ... for error messages."""
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "None"}
+    if hint in names:
+        return names[hint]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return f"a comma-separated list of {args[0].__name__}" if args else "a list"
+    return getattr(hint, "__name__", str(hint))

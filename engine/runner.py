@@ -183,6 +183,8 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     if not cfg.methods:
         raise ConfigError("no methods selected")
     infos = {name: registry.info(name) for name in cfg.methods}
+    for name in cfg.methods:
+        method_params(name, cfg)  # a misspelt or mistyped parameter is a ConfigError now, not a failed fit later
     weak = [n for n, mi in infos.items() if mi.supervision == "weak"]
     if weak and cfg.labeled_anomalies <= 0:
         raise ConfigError(f"{', '.join(weak)} need labelled anomalies: set labelled anomalies K ≥ 1 "

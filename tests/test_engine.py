@@ -264,3 +264,45 @@ def test_memory_bank_quality_on_sample_data(tmp_path) -> None:
     res = json.loads((tmp_path / "results.json").read_text())
     for r in res["runs"]:
         assert r["metrics"]["image_auroc"] >= 0.9, (r["method"], r["metrics"]["image_auroc"])
+
+
+# --- --param values -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, value", [
+    ("None", None), ("null", None), ("true", True), ("False", False), ("3", 3), ("0.1", 0.1), ("-2e-3", -2e-3),
+    ("blocks.2,blocks.4", ("blocks.2", "blocks.4")), ("(1, 2)", (1, 2)), ("[1, 2]", [1, 2]), ("mean", "mean"),
+])
+def test_param_values_are_parsed(text, value) -> None:
+    from engine.cli import _parse_value
+
+    assert _parse_value(text) == value and type(_parse_value(text)) is type(value)
+
+
+def test_param_none_and_tuples_reach_the_method(tiny, tmp_path) -> None:
+    rc = cli_main(["run", str(tiny), "--methods", "patchcore", "--image-size", "64", "--out", str(tmp_path),
+                   "--param", "patchcore.max_candidates=None", "--param", "patchcore.layers=blocks.2,blocks.4",
+                   "--param", "patchcore.coreset_ratio=1"])
+    assert rc == 0
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert run["params"]["max_candidates"] is None and run["params"]["coreset_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("param, message", [
+    ("patchcore.max_candidates=abc", "patchcore.max_candidates expects an integer or None, got 'abc'"),
+    ("patchcore.coreset_ratio=true", "patchcore.coreset_ratio expects a number"),
+    ("patchcore.layers=3", "patchcore.layers expects a comma-separated list of str"),
+    ("patchcore.nope=1", "patchcore has no parameter 'nope'"),
+])
+def test_param_of_wrong_type_is_a_clear_error(tiny, tmp_path, capsys, param, message) -> None:
+    rc = cli_main(["run", str(tiny), "--methods", "patchcore", "--image-size", "64", "--out", str(tmp_path),
+                   "--param", param])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_methods_into_a_closed_pipe_is_quiet() -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run(f"{sys.executable} -m engine.cli methods | true", shell=True, capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert p.returncode == 0 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
