@@ -278,16 +278,19 @@ def estimate_run(dataset_path: str, cfg: RunConfig) -> estimates.JobEstimate:
 
 
 def estimate_text(est: estimates.JobEstimate) -> str:
-    """The estimate in one line for the Train page: total time, per method, peak memory against the limit."""
-    parts = [f"`{m.method}` {estimates.duration_text(m.seconds)}" for m in est.methods if m.measured]
-    total = estimates.duration_text(est.seconds)
-    line = f"**Estimated time {total}**" + (f" ({', '.join(parts)})" if len(parts) > 1 else "")
-    if est.unmeasured:
-        line += (f"; not measured on this machine yet: {', '.join(f'`{m}`' for m in est.unmeasured)} "
-                 "(the first run measures it)")
+    """The estimate in one line for the Train page: time (per method when several), peak memory against the limit."""
+    measured = [m for m in est.methods if m.measured]
+    unmeasured = ", ".join(f"`{m}`" for m in est.unmeasured)
+    if not measured:
+        line = f"**Time:** not measured on this machine yet for {unmeasured} (the first run measures it)"
+    else:
+        per = ", ".join(f"`{m.method}` {estimates.duration_text(m.seconds)}" for m in measured)
+        line = f"**Estimated time {estimates.duration_text(est.seconds)}**" + (
+            f" ({per})" if len(measured) > 1 else f" for `{measured[0].method}`")
+        if unmeasured:
+            line += f", plus {unmeasured}: not measured on this machine yet (the first run measures it)"
     return (line + f" · peak memory ≈ {estimates.gb_text(est.peak_mb)} of the {estimates.gb_text(est.limit_mb)} "
-            "a job may use"
-            + " · *from earlier runs here, more or less.*")
+            "a job may use · *from earlier runs here, roughly.*")
 
 
 # ---------------------------------------------------------------------------------------------------- jobs

@@ -6,7 +6,9 @@ run started, with the run's size (train and test image counts, image size, param
 live in one small JSON file, ``<cache root>/estimates.json``, a few measurements per method and device.
 
 `estimate` scales the closest measurement of each method to a new run:
-- memory: the part above the process's starting memory grows with the pixels held, (n_train + n_test) x size²;
+- memory: above the process's starting memory, a fixed part plus a part growing with the pixels held,
+  (n_train + n_test) x size²: fitted to the method's measurements at two or more sizes, else the growing part is
+  taken at most `PRIOR_BYTES_PER_PIXEL` and the rest of one measurement as fixed;
 - backbone seconds grow with the same pixels;
 - fit seconds (without the backbone) grow with the optimiser steps x batch x working pixels for methods that
   train a network (the presets cap the steps, so more images do not mean longer training past the cap), and
@@ -38,8 +40,11 @@ log = logging.getLogger("adlab.estimates")
 FILE_NAME = "estimates.json"
 KEEP = 8  # measurements kept per (method, device), the newest
 DEFAULT_MEMORY_SHARE = 0.6  # of the machine's memory, for one job, when ADLAB_JOB_MEMORY_GB is not set
-PRIOR_BASE_MB = 800.0  # a fresh worker with torch, timm and the engine imported, before any data (measured ~500)
-PRIOR_BYTES_PER_PIXEL = 400.0  # above the base, per image pixel held; the largest measured here was ~150
+PRIOR_BASE_MB = 900.0  # a fresh worker with torch, timm and the engine imported, before any data (measured ~730)
+# Memory per image pixel above the base that grows with the data: an upper bound on what was measured here at
+# scale (PaDiM, 151 images at 256 px: ~200 B/px). A small run's memory is mostly fixed costs (networks, buffers);
+# scaled up as if it all grew with the data it would refuse jobs that fit, so the growing part is capped at this.
+PRIOR_BYTES_PER_PIXEL = 300.0
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,8 @@ def estimate_method(method: str, params: dict[str, Any], *, trained: bool, n_tra
     m = _closest(ms, n, image_size, preset)
     m_n = m["n_train"] + m["n_test"]
     px_ratio = (n * image_size**2) / (m_n * m["image_size"] ** 2)
-    peak = m["base_mb"] + max(0.0, m["peak_mb"] - m["base_mb"]) * px_ratio
+    fixed_mb, mb_per_px = _memory_line([x for x in ms if x.get("preset") == m.get("preset")])
+    peak = m["base_mb"] + fixed_mb + mb_per_px * n * image_size**2
     bb_train = m["backbone_s"] * m["n_train"] / m_n
     fit_core = max(0.0, m["fit_s"] - bb_train)
     pred_core = max(0.0, m["predict_s"] - (m["backbone_s"] - bb_train))
@@ -230,6 +236,21 @@ def estimate_method(method: str, params: dict[str, Any], *, trained: bool, n_tra
     seconds = fit_core * fit_ratio + pred_core * pred_ratio + backbone
     basis = f"measured on {m_n} images at {m['image_size']} px ({m.get('preset')} preset)"
     return MethodEstimate(method, seconds, backbone, peak, True, basis)
+
+
+def _memory_line(ms: list[dict[str, Any]]) -> tuple[float, float]:
+    """(fixed MB, MB per image pixel) of the memory above the base, from measurements of one method."""
+    px = [(m["n_train"] + m["n_test"]) * m["image_size"] ** 2 for m in ms]
+    var = [max(0.0, m["peak_mb"] - m["base_mb"]) for m in ms]
+    cap = PRIOR_BYTES_PER_PIXEL / 2**20
+    if len(set(px)) >= 2 and max(px) >= 1.5 * min(px):  # a least-squares line through them
+        mx, my = sum(px) / len(px), sum(var) / len(var)
+        slope = sum((x - mx) * (y - my) for x, y in zip(px, var, strict=True)) / sum((x - mx) ** 2 for x in px)
+        slope = max(0.0, slope)
+        return max(0.0, my - slope * mx), slope
+    i = max(range(len(px)), key=px.__getitem__)  # the largest run says the most about growth
+    slope = min(var[i] / px[i], cap)
+    return var[i] - slope * px[i], slope
 
 
 def estimate_job(methods: list[tuple[str, dict[str, Any], bool]], *, n_train: int, n_test: int, image_size: int,

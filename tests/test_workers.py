@@ -45,8 +45,8 @@ def _wait(cond: Any, limit: float = 180.0) -> None:
         time.sleep(0.05)
 
 
-def _in_fit(job: Any, method: str) -> bool:
-    return job.progress[method].stage == "fit" or not job.active
+def _at(job: Any, method: str, *stages: str) -> bool:
+    return job.progress[method].stage in stages or not job.active
 
 
 # ------------------------------------------------------------------------------------------------ estimates
@@ -63,15 +63,31 @@ def test_estimates_scale_the_closest_measurement(cache: Path) -> None:
     before = estimates.estimate_method("padim", {}, trained=False, n_train=20, n_test=20, image_size=128,
                                        preset="fast", device="cpu")
     assert not before.measured and before.seconds is None and before.peak_mb > estimates.PRIOR_BASE_MB
-    estimates.record(_rec("padim", fit_s=6.0, predict_s=4.0, backbone_s=4.0, peak_mb=1000.0), n_train=20,
+    estimates.record(_rec("padim", fit_s=6.0, predict_s=4.0, backbone_s=4.0, peak_mb=700.0), n_train=20,
                      n_test=20, image_size=128, preset="fast", device="cpu", base_mb=600.0)
     same = estimates.estimate_method("padim", {}, trained=False, n_train=20, n_test=20, image_size=128,
                                      preset="fast", device="cpu")
-    assert same.measured and same.seconds == pytest.approx(10.0) and same.peak_mb == pytest.approx(1000.0)
+    assert same.measured and same.seconds == pytest.approx(10.0) and same.peak_mb == pytest.approx(700.0)
     big = estimates.estimate_method("padim", {}, trained=False, n_train=40, n_test=40, image_size=256,
                                     preset="fast", device="cpu")
     assert big.seconds == pytest.approx(80.0)  # 2x the images, 4x the pixels each
-    assert big.peak_mb == pytest.approx(600.0 + 400.0 * 8)  # only the part above the base grows
+    assert big.peak_mb == pytest.approx(600.0 + 100.0 * 8)  # only the part above the base grows
+
+    # One small run whose memory is mostly fixed costs: the growing part is capped, the rest stays fixed.
+    px = 40 * 128**2
+    estimates.record(_rec("patchcore", 1.0, 1.0, 0.0, peak_mb=1000.0), n_train=20, n_test=20, image_size=128,
+                     preset="fast", device="cpu", base_mb=600.0)
+    capped = estimates.estimate_method("patchcore", {}, trained=False, n_train=40, n_test=40, image_size=256,
+                                       preset="fast", device="cpu")
+    assert capped.peak_mb == pytest.approx(600.0 + 400.0 + estimates.PRIOR_BYTES_PER_PIXEL * 7 * px / 2**20)
+    # Two runs of different sizes: a line through them (here 200 MB fixed + 100 B per pixel).
+    for n, size in ((20, 128), (40, 256)):
+        p_mb = 600.0 + 200.0 + 100.0 * 2 * n * size**2 / 2**20
+        estimates.record(_rec("spade", 1.0, 1.0, 0.0, peak_mb=p_mb), n_train=n, n_test=n, image_size=size,
+                         preset="fast", device="cpu", base_mb=600.0)
+    line = estimates.estimate_method("spade", {}, trained=False, n_train=160, n_test=160, image_size=256,
+                                     preset="fast", device="cpu")
+    assert line.peak_mb == pytest.approx(600.0 + 200.0 + 100.0 * 320 * 256**2 / 2**20)
     assert estimates.estimate_method("padim", {}, trained=False, n_train=20, n_test=20, image_size=128,
                                      preset="fast", device="cuda").seconds is None  # another device: not measured
 
@@ -169,7 +185,7 @@ def test_killed_worker_fails_the_job_keeps_finished_methods_and_the_next_job_run
     jm = services.JobManager(isolation="process")
     server_pid = os.getpid()
     job = jm.submit("s1", str(tiny), RunConfig(methods=["padim", "autoencoder"], image_size=64, params=LONG_FIT))
-    _wait(lambda: _in_fit(job, "autoencoder"))
+    _wait(lambda: _at(job, "autoencoder", "fit", "train"))
     assert job.active and [r["method"] for r in job.records] == ["padim"]
     pid = job.worker.pid
     assert pid != server_pid
@@ -205,7 +221,7 @@ def test_cancel_stops_the_worker_and_kills_one_that_does_not_stop(tiny: Path, ca
     cfg = RunConfig(methods=["autoencoder"], image_size=64, params=LONG_FIT)
     for frozen in (False, True):
         job = jm.submit("s1", str(tiny), cfg)
-        _wait(lambda job=job: _in_fit(job, "autoencoder"))
+        _wait(lambda job=job: _at(job, "autoencoder", "train"))  # in its epochs: it checks for cancel after each
         if frozen:
             monkeypatch.setattr(worker, "CANCEL_GRACE_S", 1.0)  # the default (5 s) is kept for the polite cancel
             os.kill(job.worker.pid, signal.SIGSTOP)  # it cannot answer the cancel any more
@@ -222,3 +238,20 @@ def test_worker_reports_a_job_error_as_a_message(tmp_path: Path, cache: Path) ->
     with pytest.raises(WorkerError, match="missing"):
         run_in_worker(tmp_path / "missing", RunConfig(methods=["padim"]), stats=stats)
     assert stats.returncode == 0
+
+
+def test_train_page_shows_the_estimate_and_refuses_a_run_too_big(cache: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    app = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+    at = AppTest.from_file(app, default_timeout=120)
+    at.run()
+    at.switch_page("../pages/train.py").run()
+    assert not at.exception
+    assert any("peak memory ≈" in m.value and "a job may use" in m.value for m in at.markdown)
+    assert not at.button(key="train_button").disabled
+    monkeypatch.setenv("ADLAB_JOB_MEMORY_GB", "0.01")
+    at.run()
+    assert at.button(key="train_button").disabled
+    assert any("ADLAB_JOB_MEMORY_GB" in e.value and "smaller image size" in e.value for e in at.error)
