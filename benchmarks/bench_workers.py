@@ -4,8 +4,8 @@ For each isolation ("thread": the job trains inside the server process, as befor
 fresh Python process plays the server: it imports the dashboard's services, validates the dataset (idle size),
 then trains one job through the JobManager while sampling its own resident memory every 0.1 s. Each mode gets an
 empty cache, so both really compute. Prints, per mode: the server's idle and peak RSS while the job ran, its growth,
-the worker's peak RSS (the kernel's count, reported per job) and the job's wall time; then the ratio of the
-server's growth in thread mode to process mode, and the time the worker's start-up adds.
+the worker's peak RSS (the kernel's count, reported per job) and the job's wall time; then the server's growth in
+both modes and the wall-time ratio (what the worker's start-up adds).
 
     python benchmarks/bench_workers.py [DATA] [--methods padim,patchcore] [--image-size 256]
 Without DATA it uses ../shared/data/mpdd/metal_plate when present, else sample_data/brick.
@@ -77,10 +77,10 @@ def main() -> None:
               f"{r['peak_mb'] - r['idle_mb']:>9.0f} {worker:>14} {r['wall_s']:>7.1f}")
     thread, proc = rows
     growth_t, growth_p = thread["peak_mb"] - thread["idle_mb"], proc["peak_mb"] - proc["idle_mb"]
-    print(f"server growth while training, thread / process: {growth_t / max(growth_p, 1.0):.1f}x "
-          f"({growth_t:.0f} MB vs {growth_p:.0f} MB)")
+    print(f"server growth while training: {growth_t:.0f} MB with jobs in threads, {growth_p:.0f} MB with jobs in "
+          f"workers ({growth_p / max(proc['idle_mb'], 1.0):.1%} of its idle size)")
     print(f"job wall time, process / thread: {proc['wall_s'] / max(thread['wall_s'], 1e-9):.2f}x "
-          "(the worker's start-up: a fresh interpreter importing torch and the engine)")
+          "(process includes the worker's start-up: a fresh interpreter importing torch and the engine)")
 
 
 if __name__ == "__main__":
