@@ -4,8 +4,11 @@ Pages call these functions with plain values and get plain values back (dicts, l
 frames). Engine errors become `UserError` (one specific message) or `DataProblems` (every validation problem with
 its file), which the pages show with `st.error`; a stack trace never reaches the page.
 
-Training runs in background threads managed by a process-wide `JobManager` (one job per browser session, at most
-`MAX_CONCURRENT_JOBS` running at once, the others queued in order). Results of finished methods are written
+Training is managed by a process-wide `JobManager` (one job per browser session, at most `MAX_CONCURRENT_JOBS`
+running at once, the others queued in order). Each job trains in a worker process of its own (`engine.worker`), so
+a job killed for memory or crashing in a native library never takes the server down; a thread of the server
+follows it. Before a job is queued its peak memory is estimated from earlier runs on this machine
+(`engine.estimates`) and a job above `ADLAB_JOB_MEMORY_GB` is refused. Results of finished methods are written
 atomically to ``<cache root>/dashboard/results/<dataset digest>.json`` as each method finishes, so a browser
 refresh or a second tab sees them; the engine's own cache makes a repeated run return at once.
 """
@@ -23,20 +26,21 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from engine import estimates, registry
 from engine import metrics as em
-from engine import registry
 from engine.api import AdlabError, DataValidationError
 from engine.backbones import weights_description
 from engine.data import Dataset, Limits, cache_root, discover, find_categories, load_split
 from engine.device import resolve_device
-from engine.runner import Cancelled, RunConfig, load_images, load_prediction, run_methods
+from engine.runner import Cancelled, RunConfig, load_images, load_prediction, method_params, run_methods
+from engine.worker import WorkerDied, WorkerStats, run_in_worker
 
 log = logging.getLogger("adlab.dashboard")
 
@@ -45,6 +49,9 @@ SAMPLE_ROOT = ROOT / "sample_data"
 MAX_UPLOAD_MB = 200  # keep equal to server.maxUploadSize in .streamlit/config.toml
 UPLOAD_LIMITS = Limits()
 MAX_CONCURRENT_JOBS = int(os.environ.get("ADLAB_MAX_JOBS", "1"))
+# "process": each job trains in a worker process (the default); "thread": in a thread of this process, for tests
+# that patch the engine in-process.
+JOB_ISOLATION = os.environ.get("ADLAB_JOB_ISOLATION", "process")
 BACKBONES = ["efficientnet_lite0", "resnet18", "wide_resnet50_2"]
 IMAGE_SIZES = [128, 160, 192, 224, 256, 320]
 
@@ -258,6 +265,34 @@ def check_config(methods: list[str], labeled_anomalies: int) -> str | None:
     return None
 
 
+def estimate_run(dataset_path: str, cfg: RunConfig) -> estimates.JobEstimate:
+    """Expected time and peak memory of running `cfg` on the dataset, from earlier runs on this machine."""
+    info = dataset_info(dataset_path)
+    size = int(cfg.image_size or info.working_size)
+    try:
+        methods = [(m, method_params(m, cfg), bool(registry.info(m).trained)) for m in cfg.methods]
+        return estimates.estimate_job(methods, n_train=info.n_train, n_test=info.n_test, image_size=size,
+                                      preset=cfg.preset, device=resolve_device(cfg.device))
+    except (AdlabError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def estimate_text(est: estimates.JobEstimate) -> str:
+    """The estimate in one line for the Train page: time (per method when several), peak memory against the limit."""
+    measured = [m for m in est.methods if m.measured]
+    unmeasured = ", ".join(f"`{m}`" for m in est.unmeasured)
+    if not measured:
+        line = f"**Time:** not measured on this machine yet for {unmeasured} (the first run measures it)"
+    else:
+        per = ", ".join(f"`{m.method}` {estimates.duration_text(m.seconds)}" for m in measured)
+        line = f"**Estimated time {estimates.duration_text(est.seconds)}**" + (
+            f" ({per})" if len(measured) > 1 else f" for `{measured[0].method}`")
+        if unmeasured:
+            line += f", plus {unmeasured}: not measured on this machine yet (the first run measures it)"
+    return (line + f" · peak memory ≈ {estimates.gb_text(est.peak_mb)} of the {estimates.gb_text(est.limit_mb)} "
+            "a job may use · *from earlier runs here, roughly.*")
+
+
 # ---------------------------------------------------------------------------------------------------- jobs
 
 
@@ -306,6 +341,7 @@ class Job:
     created: float = field(default_factory=time.time)
     finished: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    worker: WorkerStats | None = None  # the worker process of a job run in one (pid, peak memory, exit code)
 
     @property
     def active(self) -> bool:
@@ -314,10 +350,17 @@ class Job:
 
 
 class JobManager:
-    """Runs training jobs in background threads: one per session, at most `max_running` at a time, FIFO queue."""
+    """Runs training jobs, one per session, at most `max_running` at a time, the others in a FIFO queue.
 
-    def __init__(self, max_running: int = 1):
+    isolation "process" (default: `JOB_ISOLATION`): each job trains in a worker process, followed by a thread
+    here; "thread": the job trains in that thread, in this process (for tests that patch the engine in-process).
+    """
+
+    def __init__(self, max_running: int = 1, isolation: str | None = None):
         self.max_running = max(1, max_running)
+        self.isolation = isolation or JOB_ISOLATION
+        if self.isolation not in ("process", "thread"):
+            raise ValueError(f"job isolation {self.isolation!r}: use 'process' or 'thread' (ADLAB_JOB_ISOLATION)")
         self._cond = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._queue: list[str] = []  # job ids waiting, in order
@@ -329,6 +372,9 @@ class JobManager:
         if msg:
             raise UserError(msg)
         info = dataset_info(dataset_path)
+        refusal = estimate_run(dataset_path, config).refusal()
+        if refusal:
+            raise UserError(refusal)
         with self._cond:
             old = self._jobs.get(session)
             if old is not None and old.active:
@@ -356,7 +402,7 @@ class JobManager:
             return self._queue.index(job.id) + 1 if job.id in self._queue else None
 
     def cancel(self, session: str) -> None:
-        """Ask the session's job to stop (takes effect at the engine's next step)."""
+        """Ask the session's job to stop: at the engine's next step, or its worker is killed a few seconds later."""
         with self._cond:
             job = self._jobs.get(session)
             if job is not None and job.active:
@@ -414,14 +460,23 @@ class JobManager:
                 log.warning("could not store results: %s", e)
 
         try:
-            ds = _dataset(job.dataset_path)
-            results = run_methods(ds, cfg, progress=progress, cancel=job.cancel, on_result=on_result)
+            if self.isolation == "process":
+                job.worker = WorkerStats()
+                results = run_in_worker(job.dataset_path, cfg, progress=progress, cancel=job.cancel,
+                                        on_result=on_result, stats=job.worker, label=job.id)
+            else:
+                results = run_methods(_dataset(job.dataset_path), cfg, progress=progress, cancel=job.cancel,
+                                      on_result=on_result)
             _persist(job, results["runs"], header=results)
             job.state = "done"
         except Cancelled:
             job.error = (f"cancelled by the user: {len(job.records)} of {len(cfg.methods)} method(s) had finished "
                          "and are kept")
             job.state = "cancelled"
+        except WorkerDied as e:
+            ok = sum(r.get("status") == "ok" for r in job.records)
+            job.error = f"{e} ({ok} of {len(cfg.methods)} method(s) had finished and are kept)"
+            job.state = "failed"
         except Exception as e:  # noqa: BLE001 - the page shows the message
             job.error = str(_user_error(e)) if not isinstance(e, DataValidationError) else str(e)
             job.state = "failed"
@@ -433,12 +488,24 @@ def job_manager() -> JobManager:
     return JobManager(MAX_CONCURRENT_JOBS)
 
 
+def _page_config(methods: list[str], image_size: int, backbone: str, preset: str, labeled_anomalies: int
+                 ) -> RunConfig:
+    return RunConfig(methods=list(methods), image_size=int(image_size), backbone=backbone, preset=preset,
+                     labeled_anomalies=int(labeled_anomalies))
+
+
 def start_run(session: str, dataset_path: str, methods: list[str], *, image_size: int, backbone: str, preset: str,
               labeled_anomalies: int) -> Job:
     """Queue a training run for this session. Raises UserError with the reason when it cannot start."""
-    cfg = RunConfig(methods=list(methods), image_size=int(image_size), backbone=backbone, preset=preset,
-                    labeled_anomalies=int(labeled_anomalies))
+    cfg = _page_config(methods, image_size, backbone, preset, labeled_anomalies)
     return job_manager().submit(session, dataset_path, cfg)
+
+
+def run_estimate(dataset_path: str, methods: list[str], *, image_size: int, backbone: str, preset: str,
+                 labeled_anomalies: int) -> tuple[str, str | None]:
+    """(the estimate in words, the reason the run would be refused or None) for the Train page's selection."""
+    est = estimate_run(dataset_path, _page_config(methods, image_size, backbone, preset, labeled_anomalies))
+    return estimate_text(est), est.refusal()
 
 
 def run_notes_text(run: dict[str, Any] | None) -> str:
@@ -460,14 +527,18 @@ def job_view(job: Job) -> dict[str, Any]:
             status = "failed"
         elif job.state == "cancelled":
             status = "cancelled"
+        elif job.state == "failed":
+            status = "stopped"
         auroc = (rec.get("metrics") or {}).get("image_auroc") if rec and rec["status"] == "ok" else None
-        label = "cancelled before it finished" if status == "cancelled" else p.label()
+        label = {"cancelled": "cancelled before it finished",
+                 "stopped": "stopped before it finished (see the message below)"}.get(status) or p.label()
         rows.append({"method": m, "status": status, "fraction": min(1.0, p.fraction), "label": label,
                      "error": (rec or {}).get("error") or p.error, "auroc": auroc,
                      "cached": bool(rec and rec.get("cached")), "notes": run_notes_text(rec)})
     return {"state": job.state, "cancelling": job.cancel.is_set() and job.active,
             "queue_position": job_manager().queue_position(job), "rows": rows,
-            "error": job.error, "digest": job.digest, "elapsed": (job.finished or time.time()) - job.created}
+            "error": job.error, "digest": job.digest, "elapsed": (job.finished or time.time()) - job.created,
+            "worker": asdict(job.worker) if job.worker is not None else None}
 
 
 # ------------------------------------------------------------------------------------------------ results

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import registry
+from engine import estimates, registry
 from engine.api import AdlabError, ConfigError, ImageSet, MethodFailure, Prediction
 from engine.backbones import weights_description
 from engine.cache import ENGINE_VERSION, Cache, default_cache, make_key
@@ -196,6 +196,7 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
         if cancel is not None and cancel.is_set():
             raise Cancelled("run cancelled")
 
+    base_mb = _PeakMemory.rss() / 2**20  # before the images are loaded: estimates scale what comes on top
     progress("", "loading", 0.0, {"dataset": ds.name})
     if cfg.image_size is None:
         cfg = replace(cfg, image_size=ds.working_size())
@@ -220,6 +221,11 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
             rec = _run_one(name, infos[name], cfg, device, ds, train, test, test_all, anomalies, labeled_rows,
                            cache, progress, cancel)
         results["runs"].append(rec)
+        try:
+            estimates.record(rec, n_train=len(train), n_test=len(test), image_size=cfg.image_size,
+                             preset=cfg.preset, device=device, base_mb=base_mb)
+        except OSError as e:  # the estimates are a convenience: never fail a run over them
+            log.warning("could not store the time/memory estimate: %s", e)
         if on_result:
             on_result(rec)
     return results

@@ -52,10 +52,19 @@ with st.container(border=True):
             o3.caption(":orange[On a CPU, quality can take an hour per trained method on a few hundred images "
                        "(EfficientAD: about an hour on 41).]")
     problem = services.check_config(picked, int(labeled))
+    too_big = None
+    if problem is None:
+        try:
+            estimate, too_big = services.run_estimate(info.path, picked, image_size=image_size, backbone=backbone,
+                                                      preset=preset, labeled_anomalies=int(labeled))
+            st.markdown(estimate)
+        except services.UserError as e:
+            too_big = str(e)
     job = services.job_manager().get(sid)
     running = job is not None and job.active
     b1, b2, _ = st.columns([1.3, 1, 3])
-    if b1.button(f"Train {len(picked)} method(s)", type="primary", disabled=running or problem is not None,
+    if b1.button(f"Train {len(picked)} method(s)", type="primary",
+                 disabled=running or problem is not None or too_big is not None,
                  key="train_button", icon=":material/play_arrow:"):
         try:
             services.start_run(sid, info.path, picked, image_size=image_size, backbone=backbone, preset=preset,
@@ -69,6 +78,8 @@ with st.container(border=True):
         st.rerun()
     if problem and not running:
         st.warning(problem)
+    if too_big and not running:
+        st.error(too_big, icon=":material/memory:")
 
 other = services.job_manager().active_for_dataset(info.digest)
 if not running and other is not None:
@@ -99,6 +110,12 @@ def _show(view: dict) -> None:
         st.error(view["error"] or "the run failed")
     elif view["state"] == "cancelled":
         st.warning("Run cancelled. Methods that had finished are kept.")
+    w = view["worker"]
+    if w and w["pid"] and view["state"] not in ("queued", "running"):
+        peak = f"peak memory {w['peak_mb']:.0f} MB" if w["peak_mb"] else "peak memory not known"
+        st.caption(f"Trained in a separate process (`adlab-worker`, pid {w['pid']}): {peak}.")
+    elif w and w["pid"]:
+        st.caption(f"Training in a separate process (`adlab-worker`, pid {w['pid']}).")
 
 
 has_results = bool(services.ok_runs(services.latest_results(info.digest)))

@@ -1,10 +1,13 @@
-"""One real-browser test: start the dashboard, train PatchCore on the sample data in headless Chromium, and see a
-ROC plot and a heatmap render. Skipped (with the reason) only when Chromium or playwright is absent."""
+"""Real-browser tests: start the dashboard, train PatchCore on the sample data in headless Chromium, and see a
+ROC plot and a heatmap render; kill a job's worker process mid-run and see the job fail with a clear message while
+the server keeps serving and the next job trains. Skipped (with the reason) only when Chromium or playwright is
+absent."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,8 +44,8 @@ def _wait_http(url: str, timeout: float) -> None:
 
 
 @pytest.fixture()
-def server(tmp_path: Path):
-    """The dashboard on a free port with its own cache folder; yields the base URL."""
+def dashboard(tmp_path: Path):
+    """The dashboard on a free port with its own cache folder; yields (base URL, server process)."""
     port = _free_port()
     env = {**os.environ, "ADLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -51,7 +54,7 @@ def server(tmp_path: Path):
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "streamlit.log", "w"))  # noqa: SIM115
     try:
         _wait_http(f"http://127.0.0.1:{port}/_stcore/health", 45)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc
     finally:
         proc.terminate()
         try:
@@ -60,10 +63,20 @@ def server(tmp_path: Path):
             proc.kill()
 
 
-def test_train_patchcore_in_browser(server: str) -> None:
+@pytest.fixture()
+def server(dashboard: tuple[str, subprocess.Popen]) -> str:
+    """The dashboard's base URL."""
+    return dashboard[0]
+
+
+def _playwright():  # noqa: ANN202
     if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
         pytest.skip(f"Chromium not installed at {CHROMIUM} (run scripts/ensure_chromium.sh)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright python package not installed")
+    return pytest.importorskip("playwright.sync_api", reason="playwright python package not installed")
+
+
+def test_train_patchcore_in_browser(server: str) -> None:
+    sync_api = _playwright()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
@@ -91,5 +104,65 @@ def test_train_patchcore_in_browser(server: str) -> None:
             imgs.nth(2).wait_for()
             assert imgs.count() >= 3  # image, ground truth, patchcore's map
             assert page.get_by_text("patchcore", exact=True).count() >= 1
+        finally:
+            browser.close()
+
+
+def _workers_of(pid: int) -> list[int]:
+    """Child processes of `pid` named adlab-worker."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "comm").read_text().strip() == "adlab-worker":
+                ppid = next(line.split()[1] for line in (d / "status").read_text().splitlines()
+                            if line.startswith("PPid:"))
+                if int(ppid) == pid:
+                    found.append(int(d.name))
+        except (OSError, StopIteration):
+            continue
+    return found
+
+
+def _select(page, wanted: set[str]) -> None:  # noqa: ANN001
+    boxes = page.locator('[data-testid="stCheckbox"]')
+    for name in ("padim", "patchcore", "spade", "autoencoder"):
+        box = boxes.filter(has_text=name).first
+        if box.locator("input").is_checked() != (name in wanted):
+            box.locator("label").click()
+
+
+def test_killed_worker_in_browser(dashboard: tuple[str, subprocess.Popen]) -> None:
+    """Kill the worker while it trains its second method: the page says why the job failed, the first method is
+    kept, the server still answers its health check and the next job trains."""
+    url, proc = dashboard
+    sync_api = _playwright()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.get_by_role("button", name="Next: Train →").click()
+            page.get_by_role("heading", name="Train").wait_for()
+            _select(page, {"padim", "autoencoder"})
+            page.get_by_role("button", name="Train 2 method(s)").click()
+            page.get_by_text("image AUROC").first.wait_for(timeout=120_000)  # padim finished
+            workers = _workers_of(proc.pid)
+            assert len(workers) == 1, workers  # the autoencoder is training in it now
+            os.kill(workers[0], signal.SIGKILL)
+            page.get_by_text("stopped by the system, most likely out of memory").wait_for(timeout=30_000)
+            assert page.get_by_text("1 of 2 method(s) had finished and are kept").count() >= 1
+            assert page.get_by_text("padim done").count() >= 1
+            page.get_by_role("button", name="Cancel").wait_for(state="detached")  # the page has re-run since
+            shots = ROOT / "benchmarks" / "out" / "screens"
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots / "worker_killed.png"), full_page=True)
+            _wait_http(f"{url}/_stcore/health", 5)
+            assert proc.poll() is None
+
+            _select(page, {"spade"})
+            page.get_by_role("button", name="Train 1 method(s)").click()
+            page.get_by_text("spade done").wait_for(timeout=120_000)
+            assert not _workers_of(proc.pid)
         finally:
             browser.close()

@@ -148,7 +148,7 @@ def test_job_manager_queue_and_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
         raise services.Cancelled("run cancelled")
 
     monkeypatch.setattr(services, "run_methods", slow_run)
-    jm = services.JobManager(max_running=1)
+    jm = services.JobManager(max_running=1, isolation="thread")  # run_methods is patched here
     path = services.default_dataset_path()
     a = jm.submit("s1", path, services.RunConfig(methods=["padim"]))
     b = jm.submit("s2", path, services.RunConfig(methods=["padim"]))

@@ -531,7 +531,7 @@ def test_dashboard_records_failed_and_cancelled_runs_with_their_message(
         tiny: Path, cache_dir: Path, fake_methods: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from dashboard import services
 
-    jm = services.JobManager(max_running=1)
+    jm = services.JobManager(max_running=1, isolation="thread")  # fake methods live in this process
     monkeypatch.setattr(services, "job_manager", lambda: jm)
 
     def wait(job: services.Job) -> None:
