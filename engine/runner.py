@@ -312,7 +312,8 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
                 cache.store("predictions", key, tensors, {"method": name})
                 cache.store("runs", key, {}, rec)
             if save is not None:
-                _save_model(save, rec, detector=det, maps=pred.maps)
+                # float16 as the cache stores them: a saved model's colour range is the same from either path
+                _save_model(save, rec, detector=det, maps=None if pred.maps is None else pred.maps.half())
             prog("done", 1.0, {})
     except Cancelled:
         raise

@@ -25,11 +25,13 @@ so a saved model gives an image the score the run gave it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +40,12 @@ import numpy as np
 import torch
 
 from engine import registry
-from engine.api import ConfigError, ImageSet, Prediction
+from engine.api import ConfigError, DataValidationError, ImageSet, Prediction
 from engine.backbones import weights_description
 from engine.cache import ENGINE_VERSION, Cache, default_cache
 from engine.components.features import using_cache
+from engine.data.archive import extract_zip
+from engine.data.limits import cache_root
 from engine.heatmap import map_range
 from engine.metrics import threshold_at_fpr
 
@@ -93,9 +97,10 @@ class SavedModel:
 # ----------------------------------------------------------------------------------------------------- writing
 
 
-def model_card(record: dict[str, Any], detector_meta: dict[str, Any], maps: torch.Tensor | None,
+def model_card(record: dict[str, Any], detector_meta: dict[str, Any], maps: torch.Tensor | np.ndarray | None,
                dataset: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """The model.json of a finished run record (DESIGN §7 run) with its detector's params.json and maps (N, S, S)."""
+    """The model.json of a finished run record (DESIGN §7 run) with its detector's params.json and the run's test
+    maps (N, S, S) as the cache stores them (float16), which set the heatmaps' colour range."""
     good = [float(i["score"]) for i in record.get("images", []) if int(i["label"]) == 0]
     metrics = record.get("metrics") or {}
     fpr = {f"{lvl:g}": threshold_at_fpr(np.asarray(good), lvl) for lvl in FPR_LEVELS} if good else {}
@@ -108,15 +113,16 @@ def model_card(record: dict[str, Any], detector_meta: dict[str, Any], maps: torc
         "params": params,
         "thresholds": {"f1": metrics.get("threshold"), "fpr": fpr},
         "good_scores": good,
-        "map_range": list(map_range(maps.float().numpy())) if maps is not None else None,
+        "map_range": list(map_range(np.asarray(maps, dtype=np.float32))) if maps is not None else None,
         "dataset": {k: dataset.get(k) for k in ("name", "digest", "n_train", "n_test")},
         "metrics": {k: v for k, v in metrics.items() if k != "per_defect"},
         "run": {"preset": config.get("preset"), "seed": config.get("seed"), "cache_key": record.get("cache_key")},
     }
 
 
-def write_model(out_dir: str | Path, record: dict[str, Any], *, maps: torch.Tensor | None, dataset: dict[str, Any],
-                config: dict[str, Any], detector: Any = None, source: str | Path | None = None) -> Path:
+def write_model(out_dir: str | Path, record: dict[str, Any], *, maps: torch.Tensor | np.ndarray | None,
+                dataset: dict[str, Any], config: dict[str, Any], detector: Any = None,
+                source: str | Path | None = None) -> Path:
     """Write the model of a finished run ``record`` to ``out_dir/<method>/`` (an older one is replaced atomically)
     and list it in ``out_dir/index.json``. Returns the model's folder.
 
@@ -207,6 +213,8 @@ def model_dir(models_dir: str | Path, method: str | None) -> Path:
     d = Path(models_dir).expanduser()
     if not d.exists():
         raise ConfigError(f"{d}: no such folder; give the folder written by `adlab run ... --save-models DIR`")
+    if d.is_file():
+        d = _unpacked(d)
     if (d / MODEL_FILE).is_file():
         found = str(_read_card(d).get("method"))
         if method is not None and method != found:
@@ -222,6 +230,23 @@ def model_dir(models_dir: str | Path, method: str | None) -> Path:
     if method not in names:
         raise ConfigError(f"{d} has no model {method!r}; it has {', '.join(names)}")
     return d / method
+
+
+def _unpacked(archive: Path) -> Path:
+    """A zipped models folder (the dashboard's "Download model") extracted safely under the cache, reused."""
+    if not zipfile.is_zipfile(archive):
+        raise ConfigError(f"{archive} is a file, not a models folder or a .zip of one")
+    with open(archive, "rb") as fh:
+        sha = hashlib.file_digest(fh, "sha256").hexdigest()[:32]
+    dest = cache_root() / "uploads" / "models" / sha
+    if not dest.is_dir():
+        try:
+            extract_zip(archive, dest)
+        except FileExistsError:
+            pass
+        except DataValidationError as e:
+            raise ConfigError(f"{archive} cannot be unpacked: {e}") from None
+    return dest
 
 
 def load_model(models_dir: str | Path, method: str | None = None, device: str = "auto") -> SavedModel:
@@ -253,7 +278,7 @@ def load_model(models_dir: str | Path, method: str | None = None, device: str = 
     return SavedModel(directory=d, card=card, detector=_detector(d, name, device))
 
 
-def cached_model(record: dict[str, Any], results: dict[str, Any], *, maps: torch.Tensor | None = None,
+def cached_model(record: dict[str, Any], results: dict[str, Any], *, maps: torch.Tensor | np.ndarray | None = None,
                  cache: Cache | None = None, device: str = "auto") -> SavedModel | None:
     """The model a run kept in the cache (RunConfig.keep_models), with its card built from the run record;
     None when the cache does not hold it. results: the run's results (its "dataset" and "config" entries)."""

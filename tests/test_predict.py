@@ -168,3 +168,16 @@ def test_cached_run_still_saves_its_model(saved: dict[str, Path], tmp_path: Path
     for d in ("a", "b"):
         out = predict_to_folder(tmp_path / d, [saved["data"] / "test"], out=tmp_path / f"o{d}")
         assert [i["score"] for i in out["images"]] == [i["score"] for i in first["runs"][0]["images"]]
+
+
+def test_zipped_models_folder_is_accepted(saved: dict[str, Path], tmp_path: Path) -> None:
+    """The dashboard's "Download model" gives a zip of a models folder; predict takes it as MODELS_DIR."""
+    with zipfile.ZipFile(tmp_path / "model.zip", "w") as zf:
+        for f in (saved["models"] / "padim").iterdir():
+            zf.write(f, f"padim/{f.name}")
+    expected = _run_scores(saved["results"], "padim")
+    out = predict_to_folder(tmp_path / "model.zip", [saved["data"] / "test"], out=tmp_path / "o")
+    assert [i["score"] for i in out["images"]] == list(expected.values())
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a models folder"):
+        load_model(tmp_path / "x.txt")
