@@ -47,7 +47,7 @@ def _model(run: dict[str, Any], results: dict[str, Any]) -> saved_models.SavedMo
         raise _user_error(e) from None
     if model is not None:
         with _lock:
-            if len(_models) >= 8:
+            if len(_models) >= 4:  # a PaDiM model at 256 px holds ~0.5 GB of matrices
                 _models.pop(next(iter(_models)))
             _models[key] = model
     return model
@@ -74,7 +74,9 @@ def save_images(files: list[tuple[str, bytes]]) -> list[dict[str, str]]:
         if not target.exists():
             target.write_bytes(data)
         paths.append(str(target))
-        names[str(target)] = Path(name).name
+        own = Path(name).name
+        n_same = sum(v == own or v.startswith(own + " (") for v in names.values())
+        names[str(target)] = own if n_same == 0 else f"{own} ({n_same + 1})"  # two dropped files named alike
     try:
         items = collect_images(paths, UPLOAD_LIMITS)
     except Exception as e:  # noqa: BLE001
