@@ -31,14 +31,16 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"data": data, "models": root / "models", "results": root / "out" / "results.json", "root": root}
 
 
-def _run_scores(results: Path, method: str) -> dict[str, float]:
+def _run_scores(results: Path, method: str, data: Path) -> dict[str, float]:
+    """{path under `data`: score} of a run. A run from the cache may name another copy of the same data (the
+    cache is keyed by content), so paths are re-rooted at `data` by their test/<type>/<name> tail."""
     run = next(r for r in json.loads(results.read_text())["runs"] if r["method"] == method)
-    return {i["path"]: i["score"] for i in run["images"]}
+    return {str(data.joinpath(*Path(i["path"]).parts[-3:])): i["score"] for i in run["images"]}
 
 
 @pytest.mark.parametrize("method", ["padim", "patchcore"])
 def test_predict_gives_the_runs_scores(saved: dict[str, Path], method: str, tmp_path: Path) -> None:
-    expected = _run_scores(saved["results"], method)
+    expected = _run_scores(saved["results"], method, saved["data"])
     rc = cli_main(["predict", str(saved["models"]), str(saved["data"] / "test"), "--method", method,
                    "--out", str(tmp_path)])
     assert rc == 0
@@ -57,7 +59,7 @@ def test_predict_gives_the_runs_scores(saved: dict[str, Path], method: str, tmp_
 
 def test_one_image_alone_scores_as_in_the_run(saved: dict[str, Path], tmp_path: Path) -> None:
     """A single image (another batch than the run's) still gets the run's score."""
-    expected = _run_scores(saved["results"], "padim")
+    expected = _run_scores(saved["results"], "padim", saved["data"])
     path = next(p for p in expected if "/scratch/" in p)
     out = predict_to_folder(saved["models"], [path], method="padim", out=tmp_path)
     assert out["images"][0]["score"] == pytest.approx(expected[path], rel=1e-6)
@@ -146,7 +148,7 @@ def test_bad_inputs_are_all_listed(saved: dict[str, Path], tmp_path: Path, capsy
 
 
 def test_zip_of_images_is_scored(saved: dict[str, Path], tmp_path: Path) -> None:
-    expected = _run_scores(saved["results"], "padim")
+    expected = _run_scores(saved["results"], "padim", saved["data"])
     src = [p for p in expected if "/good/" in p][:2]
     with zipfile.ZipFile(tmp_path / "batch.zip", "w") as zf:
         for p in src:
@@ -167,7 +169,8 @@ def test_cached_run_still_saves_its_model(saved: dict[str, Path], tmp_path: Path
     assert third["runs"][0]["cached"]
     for d in ("a", "b"):
         out = predict_to_folder(tmp_path / d, [saved["data"] / "test"], out=tmp_path / f"o{d}")
-        assert [i["score"] for i in out["images"]] == [i["score"] for i in first["runs"][0]["images"]]
+        got = {Path(i["path"]).parts[-2:]: i["score"] for i in out["images"]}
+        assert got == {Path(i["path"]).parts[-2:]: i["score"] for i in first["runs"][0]["images"]}
 
 
 def test_zipped_models_folder_is_accepted(saved: dict[str, Path], tmp_path: Path) -> None:
@@ -175,9 +178,9 @@ def test_zipped_models_folder_is_accepted(saved: dict[str, Path], tmp_path: Path
     with zipfile.ZipFile(tmp_path / "model.zip", "w") as zf:
         for f in (saved["models"] / "padim").iterdir():
             zf.write(f, f"padim/{f.name}")
-    expected = _run_scores(saved["results"], "padim")
+    expected = _run_scores(saved["results"], "padim", saved["data"])
     out = predict_to_folder(tmp_path / "model.zip", [saved["data"] / "test"], out=tmp_path / "o")
-    assert [i["score"] for i in out["images"]] == list(expected.values())
+    assert {i["path"]: i["score"] for i in out["images"]} == expected
     (tmp_path / "x.txt").write_text("x")
     with pytest.raises(ConfigError, match="not a models folder"):
         load_model(tmp_path / "x.txt")
