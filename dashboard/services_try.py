@@ -106,7 +106,7 @@ def _scored(model: saved_models.SavedModel, images: list[dict[str, str]]) -> lis
     except Exception as e:  # noqa: BLE001
         raise _user_error(e) from None
     with _lock:
-        if len(_scores) >= 16:
+        if len(_scores) >= 8:
             _scores.pop(next(iter(_scores)))
         _scores[key] = out
     return out
