@@ -15,6 +15,7 @@ PAGE_SPECS: dict[str, tuple[str, str, str]] = {
     "compare": ("compare.py", "Compare", ":material/leaderboard:"),
     "heatmaps": ("heatmaps.py", "Heatmaps", ":material/local_fire_department:"),
     "failures": ("failures.py", "Failures", ":material/report:"),
+    "try": ("try.py", "Try", ":material/science:"),
     "learn": ("learn.py", "Learn", ":material/school:"),
 }
 

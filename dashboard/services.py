@@ -38,7 +38,9 @@ from engine import metrics as em
 from engine.api import AdlabError, DataValidationError
 from engine.backbones import weights_description
 from engine.data import Dataset, Limits, cache_root, discover, find_categories, load_split
+from engine.data import roots as data_roots
 from engine.device import resolve_device
+from engine.heatmap import DEFAULT_OPACITY  # noqa: F401 - the pages' default map opacity, as adlab predict draws
 from engine.runner import Cancelled, RunConfig, load_images, load_prediction, method_params, run_methods
 from engine.worker import WorkerDied, WorkerStats, run_in_worker
 
@@ -95,6 +97,7 @@ class DataInfo:
     has_masks: bool
     is_sample: bool
     working_size: int = 256  # the engine's default resolution for this dataset (never upsampling)
+    is_server: bool = False  # opened in place from a server folder under ADLAB_DATA_ROOTS (read-only)
 
 
 def sample_categories() -> list[str]:
@@ -126,6 +129,9 @@ def _dataset(path: str) -> Dataset:
             return _ds_memo[path]
     try:
         ds = discover(path, limits=UPLOAD_LIMITS)
+        roots = data_roots.data_roots()
+        if _under_server_root(path, roots):  # no file of a server dataset may lead outside the roots
+            data_roots.check_files_under_roots(ds, roots)
     except Exception as e:  # noqa: BLE001 - every engine error becomes a message
         raise _user_error(e) from None
     with _ds_lock:
@@ -133,11 +139,16 @@ def _dataset(path: str) -> Dataset:
     return ds
 
 
+def _under_server_root(path: str, roots: list[Path]) -> bool:
+    p = Path(path).resolve()
+    return any(p == r or p.is_relative_to(r) for r in roots)
+
+
 def _info(path: str, ds: Dataset) -> DataInfo:
     return DataInfo(path=path, name=ds.name, digest=ds.digest, layout=ds.layout, n_train=ds.n_train,
                     n_test=ds.n_test, defect_types=list(ds.defect_types), warnings=list(ds.warnings),
                     has_masks=ds.has_masks, is_sample=Path(path).resolve().parent == SAMPLE_ROOT.resolve(),
-                    working_size=ds.working_size())
+                    working_size=ds.working_size(), is_server=_under_server_root(path, data_roots.data_roots()))
 
 
 def dataset_info(path: str) -> DataInfo:
@@ -174,6 +185,26 @@ def save_upload(filename: str, data: bytes) -> DataInfo:
     except UserError:
         target.unlink(missing_ok=True)
         raise
+
+
+def server_roots() -> list[str]:
+    """The server folders datasets can be opened from ($ADLAB_DATA_ROOTS, existing ones, resolved)."""
+    return [str(r) for r in data_roots.data_roots()]
+
+
+def server_datasets() -> list[dict[str, str]]:
+    """Dataset folders under the server roots: {"path", "label"} (label: root name › relative path)."""
+    return [{"path": d.path, "label": d.label} for d in data_roots.list_server_datasets()]
+
+
+def open_server_dataset(path: str) -> DataInfo:
+    """Check that `path` (absolute, or relative to a root) is a folder under a server root, no '..', no symbolic
+    link leading out, then validate it like an upload. Raises DataProblems; nothing is written there."""
+    try:
+        folder = data_roots.server_dataset_path(path)
+    except Exception as e:  # noqa: BLE001
+        raise _user_error(e) from None
+    return dataset_info(str(folder))
 
 
 def counts_table(path: str) -> pd.DataFrame:
@@ -491,7 +522,7 @@ def job_manager() -> JobManager:
 def _page_config(methods: list[str], image_size: int, backbone: str, preset: str, labeled_anomalies: int
                  ) -> RunConfig:
     return RunConfig(methods=list(methods), image_size=int(image_size), backbone=backbone, preset=preset,
-                     labeled_anomalies=int(labeled_anomalies))
+                     labeled_anomalies=int(labeled_anomalies), keep_models=True)  # the Try page scores with them
 
 
 def start_run(session: str, dataset_path: str, methods: list[str], *, image_size: int, backbone: str, preset: str,

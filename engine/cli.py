@@ -1,4 +1,4 @@
-"""`adlab` command line: methods, sample-data, run, dashboard (DESIGN §7)."""
+"""`adlab` command line: methods, sample-data, run, predict, dashboard (DESIGN §7)."""
 
 from __future__ import annotations
 
@@ -112,6 +112,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = RunConfig(methods=methods, image_size=args.image_size, device=args.device, backbone=args.backbone,
                     weights=args.weights, preset=args.preset, labeled_anomalies=args.labeled_anomalies,
                     seed=args.seed, params=params, use_cache=not args.no_cache)
+    save_models = getattr(args, "save_models", None)
     bars: dict[str, Any] = {}
     tty = sys.stderr.isatty()
     last: dict[str, str] = {}
@@ -135,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(label, refresh=True)
 
     try:
-        results = run_methods(args.data, cfg, progress=progress)
+        results = run_methods(args.data, cfg, progress=progress, save_models=save_models)
     except AdlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -149,7 +150,30 @@ def _run(args: argparse.Namespace) -> int:
     os.replace(tmp, out / "results.json")
     print_table(results)
     print(f"\nresults: {out / 'results.json'}")
+    if save_models:
+        print(f"models: {save_models} (score new images: adlab predict {save_models} IMAGES... --method NAME)")
     return 1 if any(r["status"] != "ok" for r in results["runs"]) else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from engine.api import AdlabError
+    from engine.predict import predict_to_folder
+
+    try:
+        out = predict_to_folder(args.models, args.images, method=args.method, threshold=args.threshold,
+                                out=args.out, device=args.device)
+    except AdlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    width = max([len("image"), *(len(i["path"]) for i in out["images"])])
+    print(f"{'image'.ljust(width)}  {'score':>12}  verdict")
+    for i in out["images"]:
+        print(f"{i['path'].ljust(width)}  {i['score']:>12.6g}  {i['verdict']}")
+    n = sum(i["verdict"] == "anomalous" for i in out["images"])
+    print(f"\n{out['method']}: {n} of {len(out['images'])} image(s) anomalous at threshold {out['threshold']:.6g} "
+          f"({out['threshold_rule']})")
+    print(f"predictions: {Path(args.out) / 'predictions.json'}")
+    return 0
 
 
 def _dashboard(args: argparse.Namespace) -> int:
@@ -183,7 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="override a method parameter")
     p.add_argument("--no-cache", action="store_true", help="recompute everything, write nothing to the cache")
     p.add_argument("--out", default="adlab-results")
+    p.add_argument("--save-models", metavar="DIR", default=None,
+                   help="also write each fitted method to DIR (tensors + JSON), for `adlab predict`")
     p.set_defaults(fn=_run)
+    p = sub.add_parser("predict", help="score new images with a model saved by `run --save-models`")
+    p.add_argument("models", metavar="MODELS_DIR", help="folder written by `adlab run ... --save-models DIR`")
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders of images or .zip files")
+    p.add_argument("--method", default=None, help="which saved model (needed when MODELS_DIR holds several)")
+    p.add_argument("--threshold", default="f1",
+                   help="f1 (the run's F1-max threshold), fpr:N (flag at most a share N of the run's good images, "
+                        "e.g. fpr:0.01) or a number")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="adlab-predictions")
+    p.set_defaults(fn=_predict)
     p = sub.add_parser("dashboard", help="start the Streamlit dashboard")
     p.add_argument("--port", type=int, default=8501)
     p.set_defaults(fn=_dashboard)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import estimates, registry
+from engine import estimates, registry, saved_models
 from engine.api import AdlabError, ConfigError, ImageSet, MethodFailure, Prediction
 from engine.backbones import weights_description
 from engine.cache import ENGINE_VERSION, Cache, default_cache, make_key
@@ -52,6 +52,9 @@ class RunConfig:
     seed: int = 0
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     use_cache: bool = True
+    # Keep each fitted model in the cache (kind "models", the run's key) so it can be saved or score new images
+    # later (dashboard Try page). Not part of the cache key; a cached run without its model is then refitted.
+    keep_models: bool = False
 
 
 def _noop(method: str, stage: str, fraction: float | None, info: dict[str, Any]) -> None:
@@ -173,11 +176,13 @@ def load_prediction(record: dict[str, Any], cache: Cache | None = None) -> Predi
 
 def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProgress = _noop,
                 cancel: threading.Event | None = None, on_result: Callable[[dict[str, Any]], None] | None = None,
-                cache: Cache | None = None) -> dict[str, Any]:
+                cache: Cache | None = None, save_models: str | Path | None = None) -> dict[str, Any]:
     """Run every method of `cfg` on `data`; returns the results dict of DESIGN §7.
 
     Data problems raise DataValidationError before anything runs; method problems never raise: they
     become runs with status "failed". Cancellation (the `cancel` event) raises Cancelled between steps.
+    save_models: a folder receiving each fitted method (engine.saved_models format); a method whose model
+    cannot be written there fails with that message.
     """
     cache = cache or (default_cache() if cfg.use_cache else Cache(enabled=False))
     if not cfg.methods:
@@ -219,7 +224,7 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
         check_cancel()
         with using_cache(cache):
             rec = _run_one(name, infos[name], cfg, device, ds, train, test, test_all, anomalies, labeled_rows,
-                           cache, progress, cancel)
+                           cache, progress, cancel, save=None if save_models is None else (Path(save_models), results))
         results["runs"].append(rec)
         try:
             estimates.record(rec, n_train=len(train), n_test=len(test), image_size=cfg.image_size,
@@ -233,7 +238,10 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
 
 def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds: Dataset, train: ImageSet,
              test: ImageSet, test_all: ImageSet, anomalies: ImageSet | None, labeled_rows: list[int], cache: Cache,
-             progress: RunProgress, cancel: threading.Event | None) -> dict[str, Any]:
+             progress: RunProgress, cancel: threading.Event | None,
+             save: tuple[Path, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One method: from the cache when it holds the run (and its model, when one is to be kept), else fit,
+    predict and evaluate. save: (folder, results so far) to write the fitted model to (saved_models format)."""
     rec: dict[str, Any] = {"method": name, "family": mi.family, "params": {}, "weights": None,
                            "status": "failed", "error": None, "metrics": None,
                            "timing": {"fit_s": None, "predict_s": None, "images_per_s": None, "peak_mem_mb": None},
@@ -251,15 +259,21 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
                           if mi.uses_backbone else "none (trained from scratch on the images)")
         key = run_key(ds.digest, name, params, cfg, labeled_rows)
         rec["cache_key"] = key
-        stored = _cached_record(cache, key, cfg)
-        if stored is not None:
+        need_model = cfg.keep_models or save is not None
+
+        def from_cache(stored: dict[str, Any]) -> dict[str, Any]:
+            if save is not None:
+                _save_model(save, stored, cache=cache)
             prog("done", 1.0, {"cached": True})
             return stored
+
+        stored = _cached_record(cache, key, cfg, need_model)
+        if stored is not None:
+            return from_cache(stored)
         with cache.lock("runs", key):
-            stored = _cached_record(cache, key, cfg)  # another session may have finished it while we waited
+            stored = _cached_record(cache, key, cfg, need_model)  # another session may have finished it meanwhile
             if stored is not None:
-                prog("done", 1.0, {"cached": True})
-                return stored
+                return from_cache(stored)
             det = registry.create(name, **params).to(device)
             shared_fit_s = shared_pred_s = 0.0
             layers = det.feature_layers()
@@ -299,8 +313,15 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
                 tensors = {"scores": pred.scores}
                 if pred.maps is not None:
                     tensors["maps"] = pred.maps.half()
+                if need_model:
+                    with cache.writing("models", key) as tmp:
+                        if tmp is not None:
+                            det.save(tmp)
                 cache.store("predictions", key, tensors, {"method": name})
                 cache.store("runs", key, {}, rec)
+            if save is not None:
+                # float16 as the cache stores them: a saved model's colour range is the same from either path
+                _save_model(save, rec, detector=det, maps=None if pred.maps is None else pred.maps.half())
             prog("done", 1.0, {})
     except Cancelled:
         raise
@@ -316,15 +337,35 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
     return rec
 
 
-def _cached_record(cache: Cache, key: str, cfg: RunConfig) -> dict[str, Any] | None:
-    """A finished run's record when both it and its predictions are in the cache and readable.
+def _cached_record(cache: Cache, key: str, cfg: RunConfig, need_model: bool = False) -> dict[str, Any] | None:
+    """A finished run's record when both it and its predictions (and its fitted model, when `need_model`) are in
+    the cache and readable.
 
     The predictions are loaded, not just looked up: a corrupt or tampered entry is then removed and the method
     recomputed, instead of a record whose maps can no longer be shown."""
     hit = cache.load("runs", key) if cfg.use_cache else None
     if hit is None or cache.load("predictions", key) is None:
         return None
+    if need_model and saved_models.cached_model_dir({"cache_key": key}, cache) is None:
+        return None
     return {**hit[1], "cached": True}
+
+
+def _save_model(save: tuple[Path, dict[str, Any]], rec: dict[str, Any], *, cache: Cache | None = None,
+                detector: Any = None, maps: torch.Tensor | None = None) -> None:
+    """Write a finished run's model to the save folder, from the fitted detector or from the cache."""
+    out, results = save
+    source = None
+    if detector is None:
+        assert cache is not None
+        source = saved_models.cached_model_dir(rec, cache)
+        pred = load_prediction(rec, cache)
+        maps = pred.maps if pred is not None else None
+    try:
+        saved_models.write_model(out, rec, maps=maps, dataset=results["dataset"], config=results["config"],
+                                 detector=detector, source=source)
+    except OSError as e:
+        raise ConfigError(f"could not save the model to {out}: {e.strerror or e}") from None
 
 
 def _warm_features(det: Any, layers: tuple[str, ...], train: ImageSet, test: ImageSet, test_all: ImageSet,

@@ -1,4 +1,5 @@
-"""Data page: choose the bundled sample or upload a zip; counts, thumbnails with masks, dataset health."""
+"""Data page: choose the bundled sample, upload a zip or open a server folder; counts, thumbnails with masks,
+dataset health."""
 
 from __future__ import annotations
 
@@ -44,6 +45,34 @@ with col_b:
                 st.session_state.pop("upload_problems", None)
                 st.session_state["dataset_path"] = info.path
                 st.rerun()
+
+    st.subheader("Server folders")
+    roots = services.server_roots()
+    if not roots:
+        st.caption("Datasets already on this server (often too large to upload) can be opened in place: start adlab "
+                   "with `ADLAB_DATA_ROOTS=/data/lines:/mnt/shared`.")
+    else:
+        st.caption(f"Read-only, from {', '.join(f'`{r}`' for r in roots)}; validated like an upload.")
+        found = services.server_datasets()
+        labels = {d["path"]: d["label"] for d in found}
+        s1, s2 = st.columns([3, 1])
+        pick = s1.selectbox("Dataset on the server", list(labels), format_func=labels.get, key="server_choice",
+                            placeholder="no dataset folder found under the roots" if not found else "choose one",
+                            index=None)
+        typed = s1.text_input("or a folder under a root", key="server_path",
+                              placeholder="e.g. line1/metal_plate (relative to a root) or its full path")
+        if s2.button("Open", key="server_open", disabled=not (pick or typed)):
+            with st.spinner("Checking every file…"):
+                try:
+                    opened = services.open_server_dataset(typed.strip() or pick)
+                except services.DataProblems as e:
+                    st.session_state["upload_problems"] = (typed.strip() or labels.get(pick, pick), e.problems)
+                except services.UserError as e:
+                    st.session_state["upload_problems"] = (typed or pick, [(typed or pick, str(e), "")])
+                else:
+                    st.session_state.pop("upload_problems", None)
+                    st.session_state["dataset_path"] = opened.path
+                    st.rerun()
     if "upload_problems" in st.session_state:
         name, problems = st.session_state["upload_problems"]
         st.error(f"{name} was not loaded: {len(problems)} problem(s). Your current dataset and results are "
@@ -53,7 +82,8 @@ with col_b:
 
 info = services.dataset_info(st.session_state["dataset_path"])
 st.divider()
-st.subheader(f"{info.name}" + (" · sample" if info.is_sample else " · uploaded"))
+st.subheader(f"{info.name}" + (" · sample" if info.is_sample else " · server folder (read-only)" if info.is_server
+                               else " · uploaded"))
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Training images (good)", info.n_train)
 m2.metric("Test images", info.n_test)

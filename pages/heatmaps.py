@@ -27,7 +27,7 @@ colour = c2.radio("Colour scale", ["per_method", "shared"], horizontal=True,
                   format_func={"per_method": "per method", "shared": "shared"}.get,
                   help="per method: each method's own range over all test images (scores of different methods "
                        "are on different scales); shared: one range for all.")
-opacity = c3.slider("Map opacity", 0.0, 1.0, 0.55, 0.05)
+opacity = c3.slider("Map opacity", 0.0, 1.0, services.DEFAULT_OPACITY, 0.05)
 fam_titles = services.families()
 family = st.session_state.get("heatmap_family")
 if family:

@@ -1,7 +1,7 @@
-"""Real-browser tests: start the dashboard, train PatchCore on the sample data in headless Chromium, and see a
-ROC plot and a heatmap render; kill a job's worker process mid-run and see the job fail with a clear message while
-the server keeps serving and the next job trains. Skipped (with the reason) only when Chromium or playwright is
-absent."""
+"""Real-browser tests: start the dashboard, train PatchCore on the sample data in headless Chromium, see a ROC plot
+and a heatmap render, then score a dropped image on Try; kill a job's worker process mid-run and see the job fail
+with a clear message while the server keeps serving and the next job trains. Skipped (with the reason) only when
+Chromium or playwright is absent."""
 
 from __future__ import annotations
 
@@ -104,6 +104,13 @@ def test_train_patchcore_in_browser(server: str) -> None:
             imgs.nth(2).wait_for()
             assert imgs.count() >= 3  # image, ground truth, patchcore's map
             assert page.get_by_text("patchcore", exact=True).count() >= 1
+            # Try: a dropped image is scored by the trained method, with its heatmap and verdict
+            page.get_by_role("link", name="Try").click()
+            page.get_by_role("heading", name="Try").wait_for()
+            page.locator('input[type="file"]').set_input_files(str(ROOT / "sample_data/brick/test/scratch/000.png"))
+            page.get_by_role("heading", name="Verdicts").wait_for()
+            page.locator('[data-testid="stImage"] img').nth(1).wait_for()  # the image and patchcore's heatmap
+            assert page.get_by_text("ANOMALOUS").count() + page.get_by_text("normal", exact=True).count() >= 1
         finally:
             browser.close()
 

@@ -114,3 +114,31 @@ def load_split(ds: Dataset, split: str, image_size: int = 256, *, indices: list[
         has_mask=torch.from_numpy(has_mask),
         digest=hashlib.sha256(key.encode()).hexdigest()[:32],
     )
+
+
+def load_files(paths: list[str], image_size: int) -> ImageSet:
+    """Images from files (no labels) at ``image_size`` x ``image_size``, decoded and resized exactly as load_split
+    does for a dataset's images, so a model scores a file here as it scored it in its run.
+
+    Returns an ImageSet: images (N, 3, S, S) uint8, labels all 0, paths as given. Raises DataValidationError
+    (every file that cannot be read) and ValueError for a non-positive size.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    n = len(paths)
+    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    problems: list[Problem] = []
+
+    def work(i: int) -> None:
+        try:
+            images[i] = _load_image(paths[i], image_size)
+        except Exception as e:  # noqa: BLE001 - reported per file
+            problems.append(Problem(paths[i], f"cannot load ({type(e).__name__}: {e})", "check the file"))
+
+    if n:
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 2, n))) as pool:
+            list(pool.map(work, range(n)))
+    if problems:
+        raise DataValidationError(sorted(problems, key=lambda p: p.path))
+    return ImageSet(images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), paths=list(paths),
+                    defect_types=["unknown"] * n)
