@@ -33,6 +33,8 @@ def run_adlab(data: Path, method: str, a: argparse.Namespace, out: Path) -> dict
             "--out", str(out / "adlab" / data.name / method)]
     if a.image_size:
         args += ["--image-size", str(a.image_size)]
+    if method == "padim":  # anomalib's PaDiM fails to invert all 176 Lite0 channels' covariances: both take 100
+        args += ["--param", "padim.n_features=100"]
     subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     res = json.loads((out / "adlab" / data.name / method / "results.json").read_text())
     return res["runs"][0] | {"image_size": res["config"]["image_size"], "n_train": res["dataset"]["n_train"]}
@@ -53,7 +55,7 @@ def peer_args(method: str, run: dict) -> list[str]:
     if method == "patchcore":
         args += ["--coreset", str(p["coreset_ratio"])]
     if method == "padim":
-        args += ["--n-features", str(p.get("n_features") or 176)]
+        args += ["--n-features", str(p["n_features"])]
     if method == "fastflow":
         args += ["--flow-steps", str(p["flow_steps"])]
     if method == "cflow":
