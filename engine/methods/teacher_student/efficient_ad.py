@@ -174,7 +174,8 @@ class EfficientAD(BaseDetector):
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
-                 layers: tuple[str, ...] = ("blocks.1", "blocks.2"), width: int = 128, ae_width: int = 64,
+                 layers: tuple[str, ...] = ("blocks.1", "blocks.2"), pad: str = "zero", width: int = 128,
+                 ae_width: int = 64,
                  teacher_epochs: int = 100, epochs: int = 200, lr: float = 1e-4, teacher_lr: float = 1e-3,
                  batch_size: int = 4, hard_quantile: float = 0.999, q_a: float = 0.9, q_b: float = 0.995,
                  val_fraction: float = 0.1, patience: int = 1000, time_budget_s: float | None = None,
@@ -182,6 +183,7 @@ class EfficientAD(BaseDetector):
         self.backbone = backbone
         self.weights = weights
         self.layers = tuple(layers)
+        self.pad = pad
         self.width = width
         self.ae_width = ae_width
         self.teacher_epochs = teacher_epochs
@@ -208,7 +210,7 @@ class EfficientAD(BaseDetector):
         # Resample to the input's stride-4 grid (o + 8 cells), then drop the 4 cells per side that the PDN's
         # valid convolutions never centre on: cell i of the PDN output is centred on pixel 4i + 16.
         grid = (oh + 2 * _PAD, ow + 2 * _PAD)
-        t = torch.cat([resample_cells(local_average(f, 3), grid) for f in feats], 1)
+        t = torch.cat([resample_cells(local_average(f, 3, self.pad), grid) for f in feats], 1)
         t = t[:, :, _PAD:_PAD + oh, _PAD:_PAD + ow]
         mean = t.mean((0, 2, 3), keepdim=True)
         std = t.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
