@@ -191,7 +191,7 @@ def ranks(doc: dict[str, Any], metric: str = "image_auroc") -> pd.DataFrame:
     out["seed_min"] = [per_seed[m].min() if m in per_seed else np.nan for m in out["method"]]
     out["seed_max"] = [per_seed[m].max() if m in per_seed else np.nan for m in out["method"]]
     out["datasets"] = len(full)
-    out["family"] = out["method"].map(_family)
+    out["family"] = [registry.FAMILIES.get(f, f) for f in out["method"].map(_family)]
     out = out.sort_values(["avg_rank", "method"]).reset_index(drop=True)
     out["group"] = noise_groups(out["seed_min"].tolist(), out["seed_max"].tolist())
     return out[["method", "family", "avg_rank", "seed_mean", "seed_min", "seed_max", "datasets", "group"]]
@@ -223,7 +223,7 @@ def family_summary(doc: dict[str, Any], metric: str = "image_auroc") -> pd.DataF
     r = ranks(doc, metric)
     rows = []
     for fam, g in s.groupby("family", sort=False):
-        fr = r[r["family"] == fam]
+        fr = r[r["family"] == registry.FAMILIES.get(fam, fam)]
         best = fr.iloc[0] if not fr.empty else None
         rows.append({"family": registry.FAMILIES.get(fam, fam), "methods": ", ".join(dict.fromkeys(g["method"])),
                      f"mean {METRICS[metric]}": float(g["mean"].mean()),

@@ -18,15 +18,18 @@ src_load, src_run = st.tabs(["Open a sweep", "Run one on the sample data"])
 with src_load:
     up = st.file_uploader("sweep.json", type=["json"], key="sweep_upload",
                           help="The OUT/sweep.json that `adlab sweep` wrote.")
-    if up is not None:
+    # open a choice once, when it changes, so a later run or another choice is not overwritten on every rerun
+    if up is not None and st.session_state.get("sweep_opened") != up.file_id:
         st.session_state["sweep_doc"] = bm.parse_upload(up.getvalue())
+        st.session_state["sweep_opened"] = up.file_id
     saved = bm.saved_sweeps()
     if saved:
         labels = {s["id"]: s["label"] for s in saved}
         pick = st.selectbox("Or a sweep run from this page", list(labels), format_func=labels.get, index=None,
                             key="sweep_pick", placeholder="choose a sweep")
-        if pick and st.button("Open", key="sweep_open"):
+        if pick and st.session_state.get("sweep_opened") != pick:
             st.session_state["sweep_doc"] = bm.load(pick)
+            st.session_state["sweep_opened"] = pick
 with src_run:
     cats = services.sample_categories()
     names = [m["name"] for ms in services.methods_by_family().values() for m in ms
