@@ -9,7 +9,7 @@ import pytest
 
 from engine.api import ConfigError
 from engine.cli import main
-from engine.executors import LocalExecutor
+from engine.executors import LocalExecutor, run_unit
 from engine.sweep import SweepConfig, SweepProgress, load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,3 +103,33 @@ def test_ray_gives_the_local_executors_metrics(tmp_path: Path) -> None:
     ae = {(u["dataset"], u["seed"]): u["metrics"]["pixel_auroc"]
           for u in local["units"] if u["method"] == "autoencoder"}
     assert any(ae[(d, 0)] != ae[(d, 1)] for d in ("brick", "grass", "gravel"))
+
+
+class _Interrupted(LocalExecutor):
+    """Runs `stop_after` units, then stops as a Ctrl-C would."""
+
+    def __init__(self, stop_after: int):
+        self.stop_after = stop_after
+
+    def run(self, units, on_start, on_done) -> None:  # type: ignore[no-untyped-def]
+        for i, u in enumerate(units):
+            if i == self.stop_after:
+                raise KeyboardInterrupt
+            on_start(i)
+            on_done(i, run_unit(u))
+
+
+def test_an_interrupted_sweep_resumes_from_the_units_done(tmp_path: Path) -> None:
+    cfg = SweepConfig(datasets=[str(SAMPLE / "brick")], methods=["padim", "patchcore"], seeds=[0, 1], preset="test",
+                      image_size=64, cache_root=str(tmp_path / "cache"))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, tmp_path / "out", _Interrupted(stop_after=3))
+    partial = load_sweep(tmp_path / "out")
+    assert partial["complete"] is False and len(partial["units"]) == 3
+    seen: list[SweepProgress] = []
+    done = run_sweep(cfg, tmp_path / "out", LocalExecutor(), progress=seen.append)
+    assert done["complete"] is True and len(done["units"]) == 4
+    assert seen[-1].reused == 3 and [u.get("reused", False) for u in done["units"]] == [True, True, True, False]
+    assert [u["metrics"] for u in done["units"][:3]] == [u["metrics"] for u in partial["units"]]
+    res = json.loads((tmp_path / "out" / "brick" / "seed-1" / "results.json").read_text())
+    assert [r["method"] for r in res["runs"]] == ["padim", "patchcore"]  # the resumed file keeps the unit order
