@@ -152,3 +152,10 @@ def test_report_opens_offline_in_chromium_without_errors(sample_sweep: dict, tmp
             assert errors == []
         finally:
             browser.close()
+
+
+def test_a_report_that_cannot_be_made_is_a_page_saying_why() -> None:
+    from dashboard.report import download_bytes, results_report
+
+    page = download_bytes(results_report, {"dataset": {"name": "x"}, "runs": [{"method": "padim"}]}).decode()
+    assert "The report could not be made" in page and "KeyError" in page and "Traceback" not in page

@@ -133,3 +133,13 @@ def test_an_interrupted_sweep_resumes_from_the_units_done(tmp_path: Path) -> Non
     assert [u["metrics"] for u in done["units"][:3]] == [u["metrics"] for u in partial["units"]]
     res = json.loads((tmp_path / "out" / "brick" / "seed-1" / "results.json").read_text())
     assert [r["method"] for r in res["runs"]] == ["padim", "patchcore"]  # the resumed file keeps the unit order
+
+
+def test_ray_executor_without_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    assert main(["sweep", str(SAMPLE / "brick"), "--methods", "padim", "--executor", "ray",
+                 "--out", str(tmp_path)]) == 2
+    assert "pip install 'adlab[ray]'" in capsys.readouterr().err
