@@ -202,6 +202,11 @@ class RayExecutor:
         for i, u in enumerate(units):
             opts: dict[str, Any] = {"num_cpus": self.cpus_per_unit, "max_retries": self.max_retries}
             if self.wants_gpu(u):
+                if self.gpus <= 0:  # Ray would keep such a task pending for ever
+                    on_start(i)
+                    on_done(i, {"results": None, "wall_s": None, "host": None, "run": _failed_run(
+                        u, "device 'cuda' asked for, but this Ray cluster has no GPU; use --device auto or cpu")})
+                    continue
                 opts["num_gpus"] = 1
             pending[self._remote.options(**opts).remote(u)] = i
             on_start(i)
