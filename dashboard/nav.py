@@ -13,6 +13,7 @@ PAGE_SPECS: dict[str, tuple[str, str, str]] = {
     "data": ("data.py", "Data", ":material/folder_open:"),
     "train": ("train.py", "Train", ":material/model_training:"),
     "compare": ("compare.py", "Compare", ":material/leaderboard:"),
+    "benchmark": ("benchmark.py", "Benchmark", ":material/stacked_bar_chart:"),
     "heatmaps": ("heatmaps.py", "Heatmaps", ":material/local_fire_department:"),
     "failures": ("failures.py", "Failures", ":material/report:"),
     "try": ("try.py", "Try", ":material/science:"),

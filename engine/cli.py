@@ -1,4 +1,4 @@
-"""`adlab` command line: methods, sample-data, run, predict, dashboard (DESIGN §7)."""
+"""`adlab` command line: methods, sample-data, run, predict, sweep, report, dashboard (DESIGN §7)."""
 
 from __future__ import annotations
 
@@ -92,15 +92,10 @@ def _parse_value(value: str) -> Any:
     return v
 
 
-def _run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from engine.api import AdlabError
-    from engine.runner import RunConfig, run_methods
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+def _parse_params(items: list[str] | None) -> dict[str, dict[str, Any]] | None:
+    """`--param METHOD.NAME=VALUE` options as {method: {name: value}}; None (after printing why) when malformed."""
     params: dict[str, dict[str, Any]] = {}
-    for p in args.param or []:
+    for p in items or []:
         try:
             lhs, value = p.split("=", 1)
             method, key = lhs.split(".", 1)
@@ -108,7 +103,20 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError:
             print(f"error: --param {p!r}: expected METHOD.NAME=VALUE, e.g. patchcore.coreset_ratio=0.1",
                   file=sys.stderr)
-            return 2
+            return None
+    return params
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from engine.api import AdlabError
+    from engine.runner import RunConfig, run_methods
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    params = _parse_params(args.param)
+    if params is None:
+        return 2
     cfg = RunConfig(methods=methods, image_size=args.image_size, device=args.device, backbone=args.backbone,
                     weights=args.weights, preset=args.preset, labeled_anomalies=args.labeled_anomalies,
                     seed=args.seed, params=params, use_cache=not args.no_cache)
@@ -173,6 +181,104 @@ def _predict(args: argparse.Namespace) -> int:
     print(f"\n{out['method']}: {n} of {len(out['images'])} image(s) anomalous at threshold {out['threshold']:.6g} "
           f"({out['threshold_rule']})")
     print(f"predictions: {Path(args.out) / 'predictions.json'}")
+
+
+def _int_list(text: str) -> list[int]:
+    """"0,1,2" or "0-4" (inclusive) as a list of non-negative ints; ValueError when malformed."""
+    out: list[int] = []
+    for part in (x.strip() for x in text.split(",")):
+        if "-" in part:
+            lo, hi = (int(x) for x in part.split("-", 1))
+            out += list(range(lo, hi + 1))
+        elif part:
+            out.append(int(part))
+    if not out or min(out) < 0:
+        raise ValueError(text)
+    return out
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from engine.api import AdlabError
+    from engine.executors import make_executor
+    from engine.sweep import SweepConfig, SweepProgress, run_sweep
+
+    params = _parse_params(args.param)
+    if params is None:
+        return 2
+    try:
+        seeds = _int_list(args.seeds)
+    except ValueError:
+        print(f"error: --seeds {args.seeds!r}: expected numbers like 0,1,2 or 0-4", file=sys.stderr)
+        return 2
+    cfg = SweepConfig(datasets=list(args.data), methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                      seeds=seeds, preset=args.preset, image_size=args.image_size,
+                      labeled_anomalies=args.labeled_anomalies, device=args.device, backbone=args.backbone,
+                      weights=args.weights, params=params, use_cache=not args.no_cache,
+                      cache_root=args.cache_root, threads_per_unit=args.threads_per_unit)
+    tty = sys.stderr.isatty()
+
+    def progress(p: SweepProgress) -> None:
+        print(("\r\033[K" if tty else "") + p.line(), end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    executor = None
+    try:
+        executor = make_executor(args.executor, address=args.ray_address, num_cpus=args.num_cpus,
+                                 cpus_per_unit=args.cpus_per_unit)
+        doc = run_sweep(cfg, args.out, executor, progress=progress, resume=not args.restart)
+    except AdlabError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if executor is not None:
+            executor.close()
+    if tty:
+        print(file=sys.stderr)
+    print_sweep_table(doc)
+    print(f"\nsweep: {Path(args.out) / 'sweep.json'} ({doc['wall_s']:.1f} s on {doc['executor']['name']})")
+    return 1 if any(u["status"] != "ok" for u in doc["units"]) else 0
+
+
+def print_sweep_table(doc: dict[str, Any]) -> None:
+    """Image AUROC mean ± std over seeds per dataset × method, and failed units with their errors."""
+    from collections import defaultdict
+
+    import numpy as np
+
+    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    datasets: list[str] = []
+    methods: list[str] = []
+    for u in doc["units"]:
+        datasets += [u["dataset"]] if u["dataset"] not in datasets else []
+        methods += [u["method"]] if u["method"] not in methods else []
+        a = (u.get("metrics") or {}).get("image_auroc")
+        if u["status"] == "ok" and a is not None:
+            cells[(u["dataset"], u["method"])].append(float(a))
+    rows = [["image AUROC", *methods]]
+    for d in datasets:
+        row = [d]
+        for m in methods:
+            v = cells.get((d, m))
+            row.append("failed" if not v else f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    for u in doc["units"]:
+        if u["status"] != "ok":
+            print(f"\n{u['dataset']} · {u['method']} · seed {u['seed']} failed: {u['error']}", file=sys.stderr)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from engine.api import AdlabError
+
+    try:
+        from dashboard.report import write_report
+
+        path = write_report(args.source, args.output, worst=args.worst)
+    except AdlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
     return 0
 
 
@@ -220,6 +326,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="adlab-predictions")
     p.set_defaults(fn=_predict)
+    p = sub.add_parser("sweep", help="run methods over datasets × seeds, locally or on Ray; writes OUT/sweep.json")
+    p.add_argument("data", nargs="+", help="dataset folders (MVTec or folder layout) or .zip files")
+    p.add_argument("--methods", required=True, help="comma-separated names, see `adlab methods`")
+    p.add_argument("--seeds", default="0", help="seeds as 0,1,2 or 0-4 (default 0)")
+    p.add_argument("--preset", default="fast", choices=["test", "fast", "quality"])
+    p.add_argument("--image-size", type=int, default=None,
+                   help="working resolution in px (default: 256, or the images' own size when smaller)")
+    p.add_argument("--labeled-anomalies", type=int, default=0, metavar="K")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", default="auto", help="auto | bundled | hub | random | PATH to a weights file")
+    p.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="override a method parameter")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: one unit at a time in this process; ray: Ray tasks (pip install 'adlab[ray]')")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. auto, ray://head:10001); default: start a local Ray runtime")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray runtime (default: all)")
+    p.add_argument("--cpus-per-unit", type=float, default=1, help="CPUs each Ray task asks for (default 1)")
+    p.add_argument("--threads-per-unit", type=int, default=None,
+                   help="torch threads while a unit runs (default: the process's; Ray gives its CPUs)")
+    p.add_argument("--cache-root", default=None,
+                   help="cache folder every unit uses (default $ADLAB_CACHE); on a cluster, a shared path")
+    p.add_argument("--no-cache", action="store_true", help="recompute everything, write nothing to the cache")
+    p.add_argument("--restart", action="store_true", help="ignore units already done in OUT (default: resume)")
+    p.add_argument("--out", default="adlab-sweep")
+    p.set_defaults(fn=_sweep)
+    p = sub.add_parser("report", help="one self-contained HTML report of a results or sweep folder")
+    p.add_argument("source", help="a folder with results.json or sweep.json (or the file itself)")
+    p.add_argument("-o", "--output", default="report.html")
+    p.add_argument("--worst", type=int, default=3, help="worst misses shown per method (default 3)")
+    p.set_defaults(fn=_report)
     p = sub.add_parser("dashboard", help="start the Streamlit dashboard")
     p.add_argument("--port", type=int, default=8501)
     p.set_defaults(fn=_dashboard)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import nav, services
+from dashboard import nav, report, services
 from dashboard.views import plots
 
 info = services.dataset_info(st.session_state["dataset_path"])
@@ -44,11 +44,15 @@ for _, row in df[df["status"].str.startswith("failed")].iterrows():
 if (~df["faithful"]).any():
     st.caption("faithful = False: the implementation is simplified relative to its paper; treat its numbers "
                "as indicative.")
-d1, d2, _ = st.columns([1, 1, 3])
+d1, d2, d3, _ = st.columns([1, 1, 1.2, 2])
 d1.download_button("Download table (CSV)", services.csv_bytes(df), file_name=f"{info.name}-metrics.csv",
                    mime="text/csv")
 d2.download_button("Download results.json", services.results_json(results), file_name="results.json",
                    mime="application/json")
+d3.download_button("Download report (HTML)", lambda: report.download_bytes(report.results_report, results),
+                   file_name=f"{info.name}-report.html", mime="text/html",
+                   help="One self-contained file that opens offline: configuration, metrics with intervals, "
+                        "curves, per-defect table, accuracy vs speed, and each method's worst misses.")
 
 st.subheader("Curves")
 g1, g2 = st.columns(2)

@@ -1,0 +1,237 @@
+"""Where units of work run: in this process (the default) or as Ray tasks (`pip install adlab[ray]`).
+
+A unit is one (dataset, method, seed, params) job, described by a plain `Unit` that pickles and travels to a
+Ray worker. `run_unit` is the one function that executes a unit, whichever executor calls it: it is a
+single-method `run_methods`, so the engine's content-addressed cache makes a unit that already ran return at
+once, and a failing unit becomes a record with status "failed" instead of an exception.
+
+Executors only decide where `run_unit` runs and report when units start and finish:
+
+    ex = LocalExecutor()               # or RayExecutor(address=None, num_cpus=2)
+    ex.run(units, on_start=..., on_done=...)
+
+On a Ray cluster every node must have adlab installed (same version) and see the same cache root: pass
+`cache_root` (or set ADLAB_CACHE) to a path on a shared filesystem, so features and fitted runs are reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from engine.api import AdlabError, ConfigError
+
+# on_start(index) when a unit is handed to a worker; on_done(index, outcome) when it finished (ok or failed).
+OnStart = Callable[[int], None]
+OnDone = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of a sweep. `params` are explicit overrides of this method's parameters (preset ones aside)."""
+
+    dataset: str  # dataset path (a folder or .zip) as the workers see it
+    method: str
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    preset: str = "fast"
+    image_size: int | None = None
+    labeled_anomalies: int = 0
+    device: str = "auto"
+    backbone: str = "efficientnet_lite0"
+    weights: str = "auto"
+    use_cache: bool = True
+    cache_root: str | None = None  # None: ADLAB_CACHE / ~/.cache/adlab of the process running the unit
+    threads: int | None = None  # torch intra-op threads while the unit runs; None: leave as is
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    import torch
+
+    if not n:
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def run_unit(unit: Unit) -> dict[str, Any]:
+    """Run one unit here; never raises for a data, config or method problem.
+
+    Returns {"results": the run_methods header (dataset, config, ...) or None, "run": the method's run record
+    (DESIGN §7) , "wall_s": seconds, "host": this machine's name}. A unit whose dataset cannot be read gets a
+    run record with status "failed" and the error.
+    """
+    from engine import registry
+    from engine.cache import Cache
+    from engine.runner import RunConfig, run_methods
+
+    t0 = time.perf_counter()
+    cfg = RunConfig(methods=[unit.method], image_size=unit.image_size, device=unit.device, backbone=unit.backbone,
+                    weights=unit.weights, preset=unit.preset, labeled_anomalies=unit.labeled_anomalies,
+                    seed=unit.seed, params={unit.method: dict(unit.params)} if unit.params else {},
+                    use_cache=unit.use_cache)
+    cache = Cache(unit.cache_root) if unit.use_cache and unit.cache_root else None
+    header: dict[str, Any] | None = None
+    try:
+        with _torch_threads(unit.threads):
+            results = run_methods(unit.dataset, cfg, cache=cache)
+        run = results.pop("runs")[0]
+        header = results
+    except AdlabError as e:
+        run = _failed_run(unit, str(e))
+    except Exception as e:  # a unit's crash must not take the sweep down
+        run = _failed_run(unit, f"{type(e).__name__}: {e}")
+        run["traceback"] = traceback.format_exc(limit=8)
+    with contextlib.suppress(Exception):
+        run.setdefault("family", registry.info(unit.method).family)
+    return {"results": header, "run": run, "wall_s": round(time.perf_counter() - t0, 3), "host": os.uname().nodename}
+
+
+def _failed_run(unit: Unit, error: str) -> dict[str, Any]:
+    return {"method": unit.method, "params": dict(unit.params), "weights": None, "status": "failed", "error": error,
+            "metrics": None, "timing": {"fit_s": None, "predict_s": None, "images_per_s": None, "peak_mem_mb": None},
+            "images": []}
+
+
+class Executor(Protocol):
+    """Runs units and reports their start and end; `slots` is how many run at once."""
+
+    name: str
+
+    @property
+    def slots(self) -> int: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def run(self, units: Sequence[Unit], on_start: OnStart, on_done: OnDone) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Runs units one after another in this process (the default; needs nothing installed)."""
+
+    name = "local"
+
+    @property
+    def slots(self) -> int:
+        return 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "slots": 1}
+
+    def run(self, units: Sequence[Unit], on_start: OnStart, on_done: OnDone) -> None:
+        for i, u in enumerate(units):
+            on_start(i)
+            on_done(i, run_unit(u))
+
+    def close(self) -> None:
+        pass
+
+
+def _ray_task(unit: Unit) -> dict[str, Any]:
+    """Body of the Ray task (module level, so workers import it instead of unpickling a closure)."""
+    return run_unit(unit)
+
+
+class RayExecutor:
+    """Runs each unit as a Ray task asking for `cpus_per_unit` CPUs (and one GPU when the unit wants CUDA).
+
+    With `address` None a local Ray runtime is started with `num_cpus` CPUs (default: all), else the executor
+    joins that cluster ("auto", "ray://head:10001", ...). A local runtime it started is shut down by close().
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, *, num_cpus: int | None = None, cpus_per_unit: float = 1,
+                 max_retries: int = 1):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--executor ray needs Ray: pip install 'adlab[ray]' (or pip install ray)") from None
+        if cpus_per_unit <= 0:
+            raise ConfigError("cpus per unit must be > 0")
+        self._ray = ray
+        self.address = address
+        self.cpus_per_unit = cpus_per_unit
+        self.max_retries = max_retries
+        self._started = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
+                                      "log_to_driver": False}
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+            self._started = True
+        res = ray.cluster_resources()
+        self.cpus = float(res.get("CPU", 1))
+        self.gpus = float(res.get("GPU", 0))
+        self.nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        self._remote = ray.remote(_ray_task)
+
+    @property
+    def slots(self) -> int:
+        return max(1, int(self.cpus // self.cpus_per_unit))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "address": self.address or "local", "nodes": self.nodes, "cpus": self.cpus,
+                "gpus": self.gpus, "cpus_per_unit": self.cpus_per_unit, "slots": self.slots}
+
+    def wants_gpu(self, unit: Unit) -> bool:
+        """A unit asks Ray for a GPU when it says cuda, or says auto and the cluster has GPUs."""
+        return unit.device.startswith("cuda") or (unit.device == "auto" and self.gpus > 0)
+
+    def run(self, units: Sequence[Unit], on_start: OnStart, on_done: OnDone) -> None:
+        ray = self._ray
+        pending: dict[Any, int] = {}
+        for i, u in enumerate(units):
+            opts: dict[str, Any] = {"num_cpus": self.cpus_per_unit, "max_retries": self.max_retries}
+            if self.wants_gpu(u):
+                if self.gpus <= 0:  # Ray would keep such a task pending for ever
+                    on_start(i)
+                    on_done(i, {"results": None, "wall_s": None, "host": None, "run": _failed_run(
+                        u, "device 'cuda' asked for, but this Ray cluster has no GPU; use --device auto or cpu")})
+                    continue
+                opts["num_gpus"] = 1
+            pending[self._remote.options(**opts).remote(u)] = i
+            on_start(i)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i = pending.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except Exception as e:  # the worker died or Ray failed the task: only this unit fails
+                    run = _failed_run(units[i], f"Ray task failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+                    outcome = {"results": None, "run": run, "wall_s": None, "host": None}
+                on_done(i, outcome)
+
+    def close(self) -> None:
+        if self._started and self._ray.is_initialized():
+            self._ray.shutdown()
+            self._started = False
+
+
+def make_executor(name: str, *, address: str | None = None, num_cpus: int | None = None,
+                  cpus_per_unit: float = 1) -> Executor:
+    """"local" or "ray" (see RayExecutor for address and CPUs)."""
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address, num_cpus=num_cpus, cpus_per_unit=cpus_per_unit)
+    raise ConfigError(f"unknown executor {name!r}; use local or ray")
