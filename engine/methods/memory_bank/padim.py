@@ -42,7 +42,9 @@ class PaDiM(BaseDetector):
         kw = {"progress": progress} if progress else {}
         feats = extract_features(images, self.layers, backbone=self.backbone, weights=self.weights,
                                  device=self.device_, **kw)
-        return resize_and_concat(feats, mode="nearest")[:, self.channels_]
+        emb = resize_and_concat(feats, mode="nearest")
+        # Indexing copies the whole (N, d, h, w) embedding: only worth it when a channel subset is kept.
+        return emb if len(self.channels_) == emb.shape[1] else emb[:, self.channels_]
 
     def _fit(self, train: ImageSet, anomalies: ImageSet | None, progress: Progress) -> None:
         from engine.backbones import stage_info
@@ -55,6 +57,7 @@ class PaDiM(BaseDetector):
         n, d, h, w = emb.shape
         progress("gaussian", 0.0, {"positions": h * w})
         x = emb.permute(2, 3, 0, 1).reshape(h * w, n, d)
+        del emb  # x is a copy: do not hold both through the Gaussian fit
         self.mean_, self.precision_ = gaussian_fit(x, shrinkage=self.shrinkage, eps=self.eps)
         self.grid_ = (h, w)
         progress("gaussian", 1.0, {})
