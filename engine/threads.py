@@ -22,7 +22,6 @@ import contextlib
 import math
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -155,6 +154,8 @@ def apply(threads: int) -> None:
 # ---- the registry of running jobs: one file per process, holding how many jobs that process runs now ----
 
 def jobs_dir() -> Path:
+    import tempfile  # here, not at the top: `import engine` (every CLI command) stays cheap
+
     d = os.environ.get(JOBS_DIR_ENV)
     uid = os.getuid() if hasattr(os, "getuid") else 0
     return Path(d) if d else Path(tempfile.gettempdir()) / f"adlab-jobs-{uid}"
