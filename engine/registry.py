@@ -154,9 +154,17 @@ def _catalog() -> dict[str, MethodInfo]:
     return {d["name"]: MethodInfo(**d) for d in METHODS}
 
 
+def _catalog_covers_every_module() -> bool:
+    """False when a method module was added to _METHOD_MODULES after the catalog was generated (e.g. a merge):
+    then every module is imported, slow but complete, until `scripts/update_catalog.py` is run."""
+    return set(_METHOD_MODULES) <= {m.module for m in _catalog().values()}
+
+
 def available(family: str | None = None) -> list[MethodInfo]:
     """All registered methods (optionally of one family), ordered by family then name. Imports no method module:
     methods not imported yet come from the generated catalog (their `factory` is None; `info()` has it)."""
+    if not _catalog_covers_every_module():
+        _load_all()
     merged = {**_catalog(), **_REGISTRY}
     order = list(FAMILIES)
     infos = [m for m in merged.values() if family is None or m.family == family]
@@ -169,6 +177,10 @@ def info(name: str) -> MethodInfo:
     if live is not None and live.factory is not None:
         return live
     entry = _catalog().get(name)
+    if entry is None and not _catalog_covers_every_module():
+        _load_all()
+        if name in _REGISTRY:
+            return _REGISTRY[name]
     if entry is None:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(m.name for m in available())}")
     cls = getattr(importlib.import_module(entry.module), entry.class_name)

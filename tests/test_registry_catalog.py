@@ -68,3 +68,21 @@ def test_cli_help_imports_no_torch() -> None:
     code = ("import sys\nfrom engine.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('torch' in sys.modules)")
     assert _cli(code).strip().splitlines()[-1] == "False"
+
+
+def test_a_method_module_missing_from_the_catalog_is_still_listed(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module added to the registry's list after the catalog was generated (say, by a merge) is imported."""
+    (tmp_path / "adlab_fake_method.py").write_text(
+        "from engine.registry import register\n"
+        "@register(family='gan', name='fake_new', localises=False, paper='p', summary='s')\n"
+        "class FakeNew:\n"
+        "    def __init__(self, seed: int = 0):\n"
+        "        self.seed = seed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_METHOD_MODULES", [*registry._METHOD_MODULES, "adlab_fake_method"])
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_LOADED", False)
+    assert "fake_new" in [m.name for m in registry.available()]
+    assert registry.info("fake_new").factory.__name__ == "FakeNew"
+    assert registry.create("fake_new", seed=3).seed == 3
