@@ -6,9 +6,9 @@ Two problems on a shared machine (a team server, the dashboard beside other jobs
   cgroup CPU quota, a Ray task's CPU grant or the other adlab jobs already running. `plan()` picks the count from
   all of these; `job()` applies it for the duration of a unit of work and tells other adlab processes it runs.
 - Spin-waiting. libgomp (torch's and faiss's OpenMP) lets an idle worker spin for ~300k iterations before it
-  sleeps. When another process holds a core, the spinning worker steals its time slices from the thread that
-  has the work: on 2 cores beside one busy-loop process the autoencoder took 8× its idle time. With
-  OMP_WAIT_POLICY=PASSIVE workers sleep at once; measured side by side, 1.9× (benchmarks/bench_threads.py).
+  sleeps. When other processes hold the cores, the spinning worker steals time slices from the thread that has
+  the work: on 2 cores shared with other jobs the autoencoder (100 steps, 128 px) took 344 s with spinning
+  workers against 27 s with OMP_WAIT_POLICY=PASSIVE, side by side (benchmarks/bench_threads.py --compare-spin).
   libgomp reads the policy once, when the library is loaded (`import torch`), so `prepare_environment()` runs
   from `engine/__init__.py`, before any engine module imports torch; a process that imported torch before
   `engine` keeps spinning, so worker processes should get `worker_env()` in their environment instead.
