@@ -2,8 +2,9 @@
 
 Two problems on a shared machine (a team server, the dashboard beside other jobs, Ray workers):
 
-- Thread count. torch starts one intra-op thread per core it sees, whatever the process's affinity mask, its
-  cgroup CPU quota, a Ray task's CPU grant or the other adlab jobs already running. `plan()` picks the count from
+- Thread count. torch starts one intra-op thread per CPU in its affinity mask, whatever the cgroup CPU quota
+  (a container limited to 2 CPUs on a 64-core host gets 64), a Ray task's CPU grant or the other adlab jobs
+  already running. `plan()` picks the count from
   all of these; `job()` applies it for the duration of a unit of work and tells other adlab processes it runs.
 - Spin-waiting. libgomp (torch's and faiss's OpenMP) lets an idle worker spin for ~300k iterations before it
   sleeps. When other processes hold the cores, the spinning worker steals time slices from the thread that has
