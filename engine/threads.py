@@ -233,17 +233,22 @@ def _write_own_entry() -> None:
         pass
 
 
+_outside_threads: int | None = None  # torch's thread count before this process's first running job
+
+
 @contextlib.contextmanager
 def job() -> Iterator[ThreadPlan]:
     """Run a unit of work (one method's fit and predict) with the threads `plan()` gives, announced to the other
-    adlab processes on this machine so they share the CPUs. Restores the previous thread count afterwards."""
-    global _local_jobs
+    adlab processes on this machine so they share the CPUs. When the last job of this process ends, torch's
+    thread count is restored to what it was before the first one; while others still run, it is re-planned."""
+    global _local_jobs, _outside_threads
     import torch
 
     with _lock:
+        if _local_jobs == 0:
+            _outside_threads = torch.get_num_threads()
         _local_jobs += 1
         _write_own_entry()
-    prev = torch.get_num_threads()
     try:
         p = plan()
         apply(p.threads)
@@ -252,7 +257,10 @@ def job() -> Iterator[ThreadPlan]:
         with _lock:
             _local_jobs -= 1
             _write_own_entry()
-        apply(prev)
+            if _local_jobs == 0 and _outside_threads is not None:
+                apply(_outside_threads)
+            elif _local_jobs > 0:
+                apply(plan().threads)
 
 
 def refresh(min_interval_s: float = 2.0) -> None:

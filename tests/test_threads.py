@@ -132,6 +132,7 @@ def test_job_registers_applies_and_restores(jobs_dir: Path, monkeypatch: pytest.
             assert threads.running_jobs() == 2
             assert jobs_dir.joinpath(next(jobs_dir.iterdir()).name).read_text() == "2"
         assert threads.running_jobs() == 1
+        assert torch.get_num_threads() == 1  # the first job still runs: its plan, not the outside count
     assert threads.running_jobs() == 0
     assert list(jobs_dir.iterdir()) == []
     assert torch.get_num_threads() == 2
@@ -202,3 +203,20 @@ def test_a_run_records_the_threads_each_method_used(jobs_dir: Path, tmp_path: Pa
     assert res["runs"][0]["timing"]["threads"] == 1
     assert seen == [(1, 1)]  # announced as a running job while it ran, with its planned threads
     assert threads.running_jobs() == 0
+
+
+def test_jobs_ending_out_of_order_keep_the_plan_then_restore(jobs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two dashboard jobs in one process: the first one ending must not hand the second the pre-job count."""
+    monkeypatch.delenv("ADLAB_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cpus", lambda cgroup_root=None: 1)
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    a, b = threads.job(), threads.job()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert torch.get_num_threads() == 1
+    b.__exit__(None, None, None)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(original)
