@@ -17,48 +17,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-
-class AdlabError(Exception):
-    """Base of every error the engine raises on purpose (shown to users as a message)."""
-
-
-class NotFittedError(AdlabError):
-    """predict/save called before fit."""
-
-
-class ConfigError(AdlabError):
-    """A parameter or option is invalid (unknown method, bad value, missing labelled set)."""
-
-
-class WeightsError(AdlabError):
-    """Backbone weights cannot be found or do not match the architecture."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One validation problem: which file, what is wrong, what to do."""
-
-    path: str
-    message: str
-    hint: str = ""
-
-    def __str__(self) -> str:
-        s = f"{self.path}: {self.message}"
-        return f"{s} ({self.hint})" if self.hint else s
-
-
-class DataValidationError(AdlabError):
-    """A dataset or upload failed validation. Holds every problem found, not just the first."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = list(problems)
-        head = f"{len(self.problems)} problem(s) with the data:"
-        super().__init__("\n".join([head, *("  - " + str(p) for p in self.problems)]))
-
-
-class MethodFailure(AdlabError):
-    """A method produced unusable output (NaN scores, diverged training, collapse)."""
-
+# The errors live in a torch-free module (the CLI's light commands import them); re-exported here.
+from engine.errors import AdlabError as AdlabError
+from engine.errors import ConfigError as ConfigError
+from engine.errors import DataValidationError as DataValidationError
+from engine.errors import MethodFailure as MethodFailure
+from engine.errors import NotFittedError as NotFittedError
+from engine.errors import Problem as Problem
+from engine.errors import WeightsError as WeightsError
 
 # A progress callback receives a stage name, a fraction in [0, 1] (or None when unknown)
 # and free-form details such as {"epoch": 3, "loss": 0.12}.

@@ -181,6 +181,7 @@ def _predict(args: argparse.Namespace) -> int:
     print(f"\n{out['method']}: {n} of {len(out['images'])} image(s) anomalous at threshold {out['threshold']:.6g} "
           f"({out['threshold_rule']})")
     print(f"predictions: {Path(args.out) / 'predictions.json'}")
+    return 0
 
 
 def _int_list(text: str) -> list[int]:

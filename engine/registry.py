@@ -1,19 +1,25 @@
 """Explicit registry of methods by family and name (DESIGN §3).
 
 Every page, the CLI and the README table read this registry; nothing lists methods by hand.
+
+The @register decorators on the method classes are the single source of truth. Importing every method module
+costs seconds (torch, timm, ...), so `available()` reads `engine/_method_catalog.py`, a file generated from the
+decorators (`python scripts/update_catalog.py`; a test checks it equals the live registry), and a method's
+module is imported only when `info()`/`create()` needs its class.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from engine.api import ConfigError
+from engine.errors import ConfigError
 
 # Families named as in the survey, in the order the survey presents them.
 FAMILIES: dict[str, str] = {
@@ -65,15 +71,24 @@ class MethodInfo:
     uses_backbone: bool = True
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # "fast" / "quality" -> params
     factory: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
+    module: str = field(default="", compare=False, repr=False)  # where the class lives (imported on first use)
+    class_name: str = field(default="", compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("factory", None)
+        for k in ("factory", "module", "class_name"):
+            d.pop(k, None)
         d["family_title"] = FAMILIES[self.family]
         return d
 
+    def catalog_entry(self) -> dict[str, Any]:
+        """What `engine/_method_catalog.py` stores of this method: everything but the class itself."""
+        d = asdict(self)
+        d.pop("factory", None)
+        return d
 
-_REGISTRY: dict[str, MethodInfo] = {}
+
+_REGISTRY: dict[str, MethodInfo] = {}  # methods whose module has been imported (their decorators ran)
 _LOADED = False
 
 
@@ -103,7 +118,7 @@ def register(
         _REGISTRY[name] = MethodInfo(
             name=name, family=family, localises=localises, supervision=supervision, paper=paper,
             summary=summary, faithful=faithful, notes=notes, trained=trained, uses_backbone=uses_backbone,
-            presets=dict(presets or {}), factory=cls,
+            presets=dict(presets or {}), factory=cls, module=cls.__module__, class_name=cls.__qualname__,
         )
         cls.method_name = name
         cls.family = family
@@ -113,6 +128,7 @@ def register(
 
 
 def _load_all() -> None:
+    """Import every method module, so every decorator has run (the catalog generator and its test use this)."""
     global _LOADED
     if _LOADED:
         return
@@ -126,20 +142,53 @@ def _load_all() -> None:
     _LOADED = True
 
 
-def available(family: str | None = None) -> list[MethodInfo]:
-    """All registered methods (optionally of one family), ordered by family then name."""
+def live_catalog() -> list[dict[str, Any]]:
+    """Catalog entries of every registered method, read from the decorators themselves (imports every module)."""
     _load_all()
     order = list(FAMILIES)
-    infos = [m for m in _REGISTRY.values() if family is None or m.family == family]
+    infos = sorted(_REGISTRY.values(), key=lambda m: (order.index(m.family), m.name))
+    return [m.catalog_entry() for m in infos if m.module in _METHOD_MODULES]
+
+
+@functools.cache
+def _catalog() -> dict[str, MethodInfo]:
+    from engine._method_catalog import METHODS
+
+    return {d["name"]: MethodInfo(**d) for d in METHODS}
+
+
+def _catalog_covers_every_module() -> bool:
+    """False when a method module was added to _METHOD_MODULES after the catalog was generated (e.g. a merge):
+    then every module is imported, slow but complete, until `scripts/update_catalog.py` is run."""
+    return set(_METHOD_MODULES) <= {m.module for m in _catalog().values()}
+
+
+def available(family: str | None = None) -> list[MethodInfo]:
+    """All registered methods (optionally of one family), ordered by family then name. Imports no method module:
+    methods not imported yet come from the generated catalog (their `factory` is None; `info()` has it)."""
+    if not _catalog_covers_every_module():
+        _load_all()
+    merged = {**_catalog(), **_REGISTRY}
+    order = list(FAMILIES)
+    infos = [m for m in merged.values() if family is None or m.family == family]
     return sorted(infos, key=lambda m: (order.index(m.family), m.name))
 
 
 def info(name: str) -> MethodInfo:
-    """The MethodInfo of one method; ConfigError when unknown."""
-    _load_all()
-    if name not in _REGISTRY:
+    """The MethodInfo of one method, its class included (its module is imported now); ConfigError when unknown."""
+    live = _REGISTRY.get(name)
+    if live is not None and live.factory is not None:
+        return live
+    entry = _catalog().get(name)
+    if entry is None and not _catalog_covers_every_module():
+        _load_all()
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+    if entry is None:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(m.name for m in available())}")
-    return _REGISTRY[name]
+    cls = getattr(importlib.import_module(entry.module), entry.class_name)
+    live = _REGISTRY.get(name)
+    return live if live is not None and live.factory is cls else replace(entry, factory=cls)
 
 
 def create(name: str, *, preset: str | None = None, **params: Any) -> Any:

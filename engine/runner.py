@@ -27,6 +27,7 @@ from engine.components.features import backbone_seconds, extract_features, using
 from engine.data import Dataset, discover, load_split
 from engine.device import resolve_device
 from engine.metrics import evaluate
+from engine.threads import job as thread_job
 
 log = logging.getLogger("adlab.runner")
 
@@ -222,9 +223,11 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     }
     for name in cfg.methods:
         check_cancel()
-        with using_cache(cache):
+        with using_cache(cache), thread_job() as threads:
             rec = _run_one(name, infos[name], cfg, device, ds, train, test, test_all, anomalies, labeled_rows,
                            cache, progress, cancel, save=None if save_models is None else (Path(save_models), results))
+        if rec["status"] == "ok" and not rec.get("cached"):
+            rec["timing"]["threads"] = threads.threads
         results["runs"].append(rec)
         try:
             estimates.record(rec, n_train=len(train), n_test=len(test), image_size=cfg.image_size,

@@ -44,10 +44,13 @@ def gaussian_fit(x: torch.Tensor, *, shrinkage: str = "ledoit_wolf", eps: float 
 
 
 def _gaussian_fit(x: torch.Tensor, shrinkage: str, eps: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    means, precs = [], []
-    d = x.shape[2]
+    p, d = x.shape[0], x.shape[2]
+    # Filled chunk by chunk: a list of chunks then torch.cat held the (P, D, D) precisions twice at the peak
+    # (2 × 507 MB for PaDiM at 256 px).
+    means = torch.empty(p, d)
+    precs = torch.empty(p, d, d)
     eye = torch.eye(d)
-    for s in range(0, x.shape[0], chunk):
+    for s in range(0, p, chunk):
         xs = x[s:s + chunk]
         if shrinkage == "ledoit_wolf":
             mean, cov, _ = ledoit_wolf_cov(xs)
@@ -57,9 +60,9 @@ def _gaussian_fit(x: torch.Tensor, shrinkage: str, eps: float, chunk: int) -> tu
             cov = (xc.transpose(1, 2) @ xc / max(1, xs.shape[1] - 1)).float()
         else:
             raise ValueError(f"unknown shrinkage {shrinkage!r}")
-        precs.append(_spd_inverse(cov.float() + eps * eye))
-        means.append(mean)
-    return torch.cat(means), torch.cat(precs)
+        precs[s:s + chunk] = _spd_inverse(cov.float() + eps * eye)
+        means[s:s + chunk] = mean
+    return means, precs
 
 
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ class NearestNeighbours:
         if not device.startswith("cuda"):
             import faiss
 
+            faiss.omp_set_num_threads(torch.get_num_threads())  # its own OpenMP runtime: match torch's threads
             self._index = faiss.IndexFlatL2(self.bank.shape[1])
             self._index.add(np.ascontiguousarray(self.bank.cpu().numpy()))
 

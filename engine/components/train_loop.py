@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.api import MethodFailure, Progress, no_progress
 from engine.device import autocast
+from engine.threads import refresh as refresh_threads
 
 
 @dataclass
@@ -120,6 +121,7 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
     n_epochs = planned_epochs(len(train_idx), bs, cfg.epochs, cfg.max_steps)
     t0 = time.perf_counter()
     for epoch in range(n_epochs):
+        refresh_threads()  # other adlab jobs may have started or ended since the last epoch
         for m in modules:
             m.train()
         perm = train_idx[torch.randperm(len(train_idx), generator=g)]

@@ -37,12 +37,17 @@ class PaDiM(BaseDetector):
         self.sigma = sigma
         self.seed = seed
 
-    def _embed(self, images: ImageSet, progress: Progress | None = None) -> torch.Tensor:
-        """(N, d, h, w): layers concatenated at the first layer's size (nearest), channel subset applied."""
+    def _features(self, images: ImageSet, progress: Progress | None = None) -> list[torch.Tensor]:
+        """The cached backbone features of `self.layers`, each (N, C_l, h_l, w_l)."""
         kw = {"progress": progress} if progress else {}
-        feats = extract_features(images, self.layers, backbone=self.backbone, weights=self.weights,
-                                 device=self.device_, **kw)
-        return resize_and_concat(feats, mode="nearest")[:, self.channels_]
+        return extract_features(images, self.layers, backbone=self.backbone, weights=self.weights,
+                                device=self.device_, **kw)
+
+    def _embed(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """(N, d, h, w): layers concatenated at the first layer's size (nearest), channel subset applied."""
+        emb = resize_and_concat(feats, mode="nearest")
+        # Indexing copies the whole (N, d, h, w) embedding: only worth it when a channel subset is kept.
+        return emb if len(self.channels_) == emb.shape[1] else emb[:, self.channels_]
 
     def _fit(self, train: ImageSet, anomalies: ImageSet | None, progress: Progress) -> None:
         from engine.backbones import stage_info
@@ -51,23 +56,24 @@ class PaDiM(BaseDetector):
         g = torch.Generator().manual_seed(self.seed)
         keep = total if self.n_features is None else min(self.n_features, total)
         self.channels_ = torch.randperm(total, generator=g)[:keep].sort().values
-        emb = self._embed(train, progress)
+        emb = self._embed(self._features(train, progress))
         n, d, h, w = emb.shape
         progress("gaussian", 0.0, {"positions": h * w})
         x = emb.permute(2, 3, 0, 1).reshape(h * w, n, d)
+        del emb  # x is a copy: do not hold both through the Gaussian fit
         self.mean_, self.precision_ = gaussian_fit(x, shrinkage=self.shrinkage, eps=self.eps)
         self.grid_ = (h, w)
         progress("gaussian", 1.0, {})
 
     def _predict(self, images: ImageSet) -> Prediction:
-        emb = self._embed(images)
-        n, d, h, w = emb.shape
+        feats = self._features(images)
         out = []
-        for s in range(0, n, 16):
-            x = emb[s:s + 16].permute(0, 2, 3, 1).reshape(-1, h * w, d)
-            out.append(mahalanobis(x, self.mean_, self.precision_))
-        dist = torch.cat(out).reshape(n, h, w)
-        maps = to_pixel_map(dist, images.size, self.sigma)
+        for s in range(0, feats[0].shape[0], 16):  # embed 16 images at a time: the whole set's is 326 MB on mpdd
+            emb = self._embed([f[s:s + 16] for f in feats])
+            b, d, h, w = emb.shape
+            out.append(mahalanobis(emb.permute(0, 2, 3, 1).reshape(b, h * w, d), self.mean_, self.precision_)
+                       .reshape(b, h, w))
+        maps = to_pixel_map(torch.cat(out), images.size, self.sigma)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
 
     def _state(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,405 @@
+"""Every registered method's metadata, generated from the @register decorators: do not edit by hand.
+
+Regenerate with `python scripts/update_catalog.py` after changing a decorator; tests/test_registry_catalog.py
+fails while this file and the live registry differ.
+"""
+# ruff: noqa: E501
+
+METHODS = [{'name': 'efficient_ad',
+  'family': 'teacher_student',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Batzner et al., WACV 2024',
+  'summary': 'Small patch description networks: a student imitates a distilled teacher (hard-feature loss) and an '
+             'autoencoder catches logical anomalies; map = quantile-normalised discrepancies.',
+  'faithful': False,
+  'notes': 'PDN-S architecture, hard-feature loss (q=0.999), student-half regressing the autoencoder, teacher '
+           'channel normalisation and q_a=0.9/q_b=0.995 map normalisation on a held-out slice follow the paper. '
+           'Offline, the teacher cannot be distilled from WideResNet-101 on ImageNet: it is distilled from the '
+           'bundled ImageNet EfficientNet-Lite0 features blocks.1+blocks.2 (strides 4/8, whose receptive fields '
+           "match the PDN's 33 px better than blocks.4: distilling blocks.2+blocks.4 did not converge), PatchCore's "
+           "3x3 local average with zero padding, resized to the PDN's output grid, channel-standardised; 64 channels "
+           'instead of 384) on the training images only. The ImageNet penalty on the student is dropped (no ImageNet '
+           'images). test/fast presets shrink the PDN/AE widths (16 vs 128/64) and train a few hundred steps with '
+           'batch 2 instead of 70 000 with batch 1, at a higher learning rate. Maps are padded by 4 cells '
+           '(replicating the border, the paper pads with 0) then resized; score = max of the unpadded map.',
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'width': 16,
+                       'ae_width': 16,
+                       'batch_size': 2,
+                       'teacher_epochs': 10,
+                       'epochs': 10,
+                       'lr': 0.003,
+                       'teacher_lr': 0.01},
+              'fast': {'max_steps': 250,
+                       'width': 16,
+                       'ae_width': 16,
+                       'batch_size': 2,
+                       'teacher_epochs': 10,
+                       'epochs': 12,
+                       'lr': 0.003,
+                       'teacher_lr': 0.01},
+              'quality': {'max_steps': 600,
+                          'width': 128,
+                          'ae_width': 64,
+                          'batch_size': 2,
+                          'teacher_epochs': 60,
+                          'epochs': 150,
+                          'lr': 0.0005,
+                          'teacher_lr': 0.002}},
+  'module': 'engine.methods.teacher_student.efficient_ad',
+  'class_name': 'EfficientAD'},
+ {'name': 'reverse_distillation',
+  'family': 'teacher_student',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Deng & Li, CVPR 2022',
+  'summary': "A decoder rebuilds a frozen encoder's multi-scale features from a compact one-class embedding; "
+             'anomalies are what it cannot rebuild.',
+  'faithful': True,
+  'notes': 'Encoder is EfficientNet-Lite0 (stages blocks.1/2/4, strides 4/8/16) instead of WideResNet-50 layer1–3; '
+           'OCBE and decoder are scaled to its channel widths, and each decoder stage ends in a linear 1x1 '
+           "projection because EfficientNet stage outputs are signed (ResNet's are post-ReLU). Loss is the paper's "
+           'per-position 1 − cos averaged over positions and summed over scales (the official code flattens each map '
+           'into one vector instead). Adam-style optimiser (AdamW, lr 5e-3, betas 0.5/0.999 as in the paper) with '
+           "early stopping, and far fewer epochs than the paper's 200 on CPU. Map: sum of upsampled 1 − cos maps, "
+           "Gaussian σ = 4; image score: the map's maximum, as in the paper.",
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 15},
+              'fast': {'max_steps': 60, 'epochs': 10},
+              'quality': {'max_steps': 250, 'epochs': 100, 'patience': 15}},
+  'module': 'engine.methods.teacher_student.reverse_distillation',
+  'class_name': 'ReverseDistillation'},
+ {'name': 'stfpm',
+  'family': 'teacher_student',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Wang et al., BMVC 2021',
+  'summary': "A student network trained from scratch to mimic a frozen pretrained teacher's feature pyramid; "
+             'anomalies are where they disagree.',
+  'faithful': True,
+  'notes': 'Teacher and student are EfficientNet-Lite0 (stages blocks.1/2/4, strides 4/8/16) instead of ResNet-18 '
+           'conv2_x–conv4_x. Optimiser is AdamW from the shared train loop (paper: SGD, lr 0.4, momentum 0.9) with '
+           "early stopping on a held-out slice of the normal images; far fewer epochs than the paper's 100 on CPU. "
+           'Loss, product-of-scales anomaly map and max image score follow the paper; no smoothing by default.',
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 10, 'lr': 0.005},
+              'fast': {'max_steps': 60, 'epochs': 10, 'lr': 0.005},
+              'quality': {'max_steps': 250, 'epochs': 100, 'lr': 0.002, 'patience': 15}},
+  'module': 'engine.methods.teacher_student.stfpm',
+  'class_name': 'STFPM'},
+ {'name': 'fcdd',
+  'family': 'one_class',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Liznerski et al., ICLR 2021',
+  'summary': 'Fully convolutional one-class network: normal patches map near zero, synthetic outliers far; the '
+             'pseudo-Huber output is itself the heatmap.',
+  'faithful': True,
+  'notes': 'Frozen ImageNet EfficientNet-Lite0 (blocks.2+blocks.4, stride 8, channel-standardised, no local '
+           'averaging) instead of a partly fine-tuned VGG11; only a small 1x1 fully convolutional head is trained. '
+           'Outliers: the shared DRAEM-style Perlin/texture anomalies (engine.components.synthetic_anomalies), '
+           'generated once per fit (`outliers_per_image` per training image) instead of fresh confetti noise each '
+           'batch; labelled anomalies passed to fit are added as extra outliers. Image-level (unsupervised) FCDD '
+           'loss. Heatmap upsampling: bilinear + Gaussian blur (σ = `sigma`) rather than the transposed Gaussian '
+           "kernel. Image score: mean of the heatmap as in the paper (`score='max'` also offered).",
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 15, 'outliers_per_image': 1},
+              'fast': {'max_steps': 150, 'epochs': 30, 'outliers_per_image': 2},
+              'quality': {'max_steps': 600, 'epochs': 100, 'outliers_per_image': 4}},
+  'module': 'engine.methods.one_class.fcdd',
+  'class_name': 'FCDD'},
+ {'name': 'patch_svdd',
+  'family': 'one_class',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Ruff et al., ICML 2018 (Deep SVDD); Yi & Yoon, ACCV 2020 (Patch SVDD)',
+  'summary': 'Deep SVDD on pretrained patch features: a bias-free network pulls every normal patch towards one '
+             'centre; the distance to it is the anomaly score.',
+  'faithful': False,
+  'notes': 'Follows Deep SVDD (one-class objective, fixed centre with the eps guard, bias-free network, unbounded '
+           "activation) applied per patch to frozen EfficientNet-Lite0 features (blocks.2+blocks.4, PatchCore's 3x3 "
+           'local average with zero padding, stride 8) through a 1x1-conv network. It is NOT Patch SVDD: no encoder '
+           'trained from pixels, no self-supervised relative-position task, no hierarchical patch encoders, and '
+           "scores are distances to the centre rather than Patch SVDD's nearest-normal-patch distances. Deep SVDD's "
+           'autoencoder pre-training is skipped (random init, seeded); the centre is the mean output of an initial '
+           'forward pass with batch statistics. Map: squared distance per position, upsampled, Gaussian σ = 4; image '
+           "score: the map's maximum (top_k > 0: mean of the top-k patch distances).",
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 15},
+              'fast': {'max_steps': 150, 'epochs': 30},
+              'quality': {'max_steps': 600, 'epochs': 100, 'patience': 15}},
+  'module': 'engine.methods.one_class.patch_svdd',
+  'class_name': 'PatchSVDD'},
+ {'name': 'cflow',
+  'family': 'distribution',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Gudovskiy et al., WACV 2022 (CFLOW-AD)',
+  'summary': 'One conditional normalizing flow per feature scale models each feature vector (fiber) given a 2D '
+             'positional encoding of where it is; low likelihood = anomalous.',
+  'faithful': True,
+  'notes': 'EfficientNet-Lite0 blocks.1/2/4 stand in for WideResNet50 layers 1-3. Features are standardised per '
+           'channel with training statistics (a fixed affine map; its constant log-det cancels in the map). Loss = '
+           "per-dimension NLL (the reference code applies −logsigmoid to it). The map's normalisation subtracts each "
+           "scale's maximum log-likelihood over the training fibers instead of over the test set, so an image's "
+           'score does not depend on the other test images; map = Σ_scales (1 − p_l) upsampled, score = its max. '
+           'Fiber batches are drawn from every position of every training image, one optimiser step per fiber batch; '
+           "a fiber's coarser-scale partners are the fibers under the same spot. Log-scales soft-clamped with "
+           '1.9·tanh(s/1.9); last subnet layer zero-initialised. Far fewer epochs than the paper.',
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 2, 'coupling_blocks': 4, 'cond_dim': 64},
+              'fast': {'max_steps': 600, 'epochs': 1, 'coupling_blocks': 4, 'cond_dim': 64},
+              'quality': {'max_steps': 2400, 'epochs': 4, 'coupling_blocks': 8, 'cond_dim': 128}},
+  'module': 'engine.methods.distribution.cflow',
+  'class_name': 'CFlow'},
+ {'name': 'fastflow',
+  'family': 'distribution',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Yu et al., arXiv 2021 (FastFlow)',
+  'summary': 'A 2D normalizing flow per feature scale (conv subnets, 3×3 and 1×1 alternating) maps frozen backbone '
+             'features to a standard normal; low likelihood = anomalous.',
+  'faithful': True,
+  'notes': 'EfficientNet-Lite0 blocks.1/2/4 (strides 4/8/16) stand in for ResNet18 stages 1-3. LayerNorm over (C, h, '
+           'w) per image has no learned affine (a learned one lets training shrink the inputs and game the '
+           "likelihood). Log-scales soft-clamped with 2·tanh(s/2) instead of FrEIA's atan; subnets' last layer "
+           "zero-initialised (identity start). Loss = per-dimension NLL (the paper's NLL / C). Map: −mean over "
+           'scales of upsampled exp(per-dimension log p), log p including the log-det, as in the paper; score = max '
+           "of the map. Far fewer epochs than the paper's 500.",
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 6, 'flow_steps': 4},
+              'fast': {'max_steps': 100, 'epochs': 16, 'flow_steps': 4},
+              'quality': {'max_steps': 400, 'epochs': 40, 'flow_steps': 8}},
+  'module': 'engine.methods.distribution.fastflow',
+  'class_name': 'FastFlow'},
+ {'name': 'padim',
+  'family': 'memory_bank',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Defard et al., ICPR 2021',
+  'summary': 'A Gaussian per patch position over multi-scale features; score = Mahalanobis distance.',
+  'faithful': True,
+  'notes': 'Three stages of EfficientNet-Lite0 (strides 4/8/16, 176 channels). EfficientNet-Lite0 has few enough '
+           "channels that all are kept by default (n_features=None); the paper's random subset is available with "
+           "n_features=d. Covariance as the paper: S + 0.01·I (shrinkage='ledoit_wolf' offers Ledoit–Wolf shrinkage, "
+           'which scored lower on MPDD and the sample data).',
+  'trained': False,
+  'uses_backbone': True,
+  'presets': {},
+  'module': 'engine.methods.memory_bank.padim',
+  'class_name': 'PaDiM'},
+ {'name': 'patchcore',
+  'family': 'memory_bank',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Roth et al., CVPR 2022',
+  'summary': 'Memory bank of locally aware mid-level patch features, thinned by a greedy coreset; score = distance '
+             'to the nearest normal patch.',
+  'faithful': True,
+  'notes': 'Layers blocks.2+blocks.4 of EfficientNet-Lite0 (strides 8/16) stand in for WideResNet layer2+layer3. '
+           "Locally aware features: 3x3 average with zero padding counted (pad='zero'), as the paper's code; "
+           "pad='valid' averages border windows over real cells only. Coreset 1% by default (the paper reports 1%, "
+           "10% and 25%; 'quality' uses 10%). When the training set has more than max_candidates patches (200k: ~200 "
+           'images at 256 px) the greedy selection runs over a seeded random subset of that many, still keeping '
+           "coreset_ratio of all patches; max_candidates=None is the paper's exact selection.",
+  'trained': False,
+  'uses_backbone': True,
+  'presets': {'fast': {'coreset_ratio': 0.01}, 'quality': {'coreset_ratio': 0.1, 'max_candidates': None}},
+  'module': 'engine.methods.memory_bank.patchcore',
+  'class_name': 'PatchCore'},
+ {'name': 'spade',
+  'family': 'memory_bank',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Cohen & Hoshen, arXiv 2020',
+  'summary': 'kNN over whole-image features picks the closest normal images; pixel kNN against their feature '
+             'pyramids localises.',
+  'faithful': True,
+  'notes': 'Image kNN on the globally pooled last stage (blocks.6); pixel gallery = feature maps of the k_gallery '
+           "nearest normal images (paper: all K; 'quality' preset uses 50) at stride 8.",
+  'trained': False,
+  'uses_backbone': True,
+  'presets': {'fast': {'k_gallery': 10}, 'quality': {'k_gallery': 50}},
+  'module': 'engine.methods.memory_bank.spade',
+  'class_name': 'SPADE'},
+ {'name': 'autoencoder',
+  'family': 'autoencoder',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Bergmann et al., VISAPP 2019 (SSIM autoencoder)',
+  'summary': 'Convolutional autoencoder trained from scratch on normal images (L2 + SSIM loss); anomalies are what '
+             'it cannot reconstruct.',
+  'faithful': False,
+  'notes': 'Trained from scratch at a working resolution of `size` px (default 128; inputs are resized, maps '
+           'upsampled back) with seeded flips. Loss = MSE + ssim_loss_weight·(1 − mean SSIM) (the paper uses SSIM '
+           'alone or L2 alone). Bottleneck: a narrow spatial latent map (size/16, `latent_channels` channels) '
+           "instead of the paper's 100-d vector, which on 20-image texture sets only learns a blurred mean. Map = (1 "
+           '− w)·|x − x̂| + w·(1 − SSIM)/2, Gaussian σ = 2 px at 128 px; the blend weight w = map_ssim_weight '
+           'defaults to 0 (per-pixel error only): on the sample textures the SSIM term made maps worse (pixel AUROC '
+           '0.947 at w = 0, 0.895 at w = 0.5), so SSIM is used in the loss only unless w is raised. Score = mean of '
+           "the top 1% map pixels (a robust max). Whole images, not the paper's sliding patches.",
+  'trained': True,
+  'uses_backbone': False,
+  'presets': {'test': {'epochs': 30},
+              'fast': {'max_steps': 300, 'epochs': 60},
+              'quality': {'max_steps': 1200, 'epochs': 300}},
+  'module': 'engine.methods.autoencoder.autoencoder',
+  'class_name': 'Autoencoder'},
+ {'name': 'draem',
+  'family': 'autoencoder',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Zavrtanik et al., ICCV 2021 (DRAEM)',
+  'summary': 'Learns to repair and segment synthetic defects pasted onto normal images: a reconstruction network '
+             'plus a discriminative U-Net that compares the image with its repair.',
+  'faithful': False,
+  'notes': "Synthetic anomalies: Perlin-noise masks with textures from scikit-image's bundled photographs "
+           '(astronaut, coffee, moon, ...; colour/contrast augmented; no DTD download), opacity β ~ U(0, 0.8), half '
+           'the training images left clean, as in the paper. Much smaller networks than the paper (reconstructive '
+           'widths 16–64 with a spatial bottleneck, discriminative U-Net base 16, depth 3, vs 128/64 channels) and '
+           '10–200 epochs instead of 700, so the fast preset trains on 2 CPU cores; trained at `size` px (default '
+           '128; maps upsampled back) with seeded flips. Loss = L2 + (1 − SSIM) on the reconstruction + focal loss '
+           '(γ = 2) on the mask, jointly with one AdamW. Map = softmax anomaly channel, Gaussian σ = 2 px; score = '
+           "max of the map average-pooled over pool×pool (pool = 11 at 128 px, the paper's 21 at 256).",
+  'trained': True,
+  'uses_backbone': False,
+  'presets': {'test': {'epochs': 15},
+              'fast': {'max_steps': 150, 'epochs': 25},
+              'quality': {'max_steps': 600, 'epochs': 200}},
+  'module': 'engine.methods.autoencoder.draem',
+  'class_name': 'Draem'},
+ {'name': 'vae',
+  'family': 'autoencoder',
+  'localises': True,
+  'supervision': 'none',
+  'paper': "Kingma & Welling, ICLR 2014 (VAE); anomaly scoring as in the survey's reconstruction family",
+  'summary': 'Variational autoencoder trained on normal images; score = reconstruction error + how far the latent '
+             'code is from the prior (KL).',
+  'faithful': False,
+  'notes': 'Trained from scratch at `size` px (default 128; maps upsampled back) with seeded flips. The latent is a '
+           'spatial map (size/16 x size/16 x z_channels, a factorised Gaussian per element) rather than a single '
+           'vector, which keeps local detail on texture images. Loss = MSE + ssim_loss_weight·(1 − SSIM) + '
+           'kl_weight·mean KL (a β-VAE weighting; mean-reduced, so kl_weight is per element). Map: error of decoding '
+           'the posterior mean μ, (1 − w)·|x − x̂| + w·(1 − SSIM)/2 with w = map_ssim_weight = 0 by default (SSIM in '
+           'the map hurt on textures), smoothed σ = 2 px. Score = mean of the top 1% map pixels + kl_score_weight · '
+           'mean KL per latent element, kl_score_weight = 0.003: on the sample brick the KL term alone ranks images '
+           'at chance (AUROC ≈ 0.5) and larger weights lower the AUROC (0.84 at 0.003, 0.67 at 0.1), so it is kept '
+           'small.',
+  'trained': True,
+  'uses_backbone': False,
+  'presets': {'test': {'epochs': 30},
+              'fast': {'max_steps': 300, 'epochs': 60},
+              'quality': {'max_steps': 1200, 'epochs': 300}},
+  'module': 'engine.methods.autoencoder.vae',
+  'class_name': 'VAE'},
+ {'name': 'ganomaly',
+  'family': 'gan',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Akçay et al., ACCV 2018',
+  'summary': 'Encoder-decoder-encoder generator trained adversarially on normal images; score = distance between the '
+             "image's latent code and the re-encoded reconstruction's.",
+  'faithful': False,
+  'notes': 'Images are resized to `size`×`size` (default 64; the paper uses 32-128). Score as in the paper (latent '
+           'distance), raw rather than min-max scaled over the test set. The paper has no pixel map: the map here is '
+           'the smoothed |x − x̂| reconstruction error (an addition, weak on textures). Stabilisers: spectral norm '
+           "on D (not in the paper), the paper's feature-matching adversarial loss, and the paper's "
+           're-initialisation of D when its loss falls below 1e-5. Encoders use nets.ConvEncoder (strided conv + BN '
+           '+ LeakyReLU, a linear layer to the latent) and the decoder nearest-upsample + conv instead of transposed '
+           "convs, narrower (16-128 channels vs the paper's 64-512) and trained with lr 1e-3 (paper 2e-4) for tens "
+           "of epochs, because the datasets here are tiny. `score='reconstruction'` (mean |x − x̂|) is an option "
+           'outside the paper. Mode collapse and a runaway discriminator are reported in the run notes; all-equal or '
+           'non-finite scores fail the run.',
+  'trained': True,
+  'uses_backbone': False,
+  'presets': {'test': {'epochs': 40},
+              'fast': {'max_steps': 200, 'epochs': 40},
+              'quality': {'max_steps': 800,
+                          'epochs': 200,
+                          'size': 128,
+                          'widths': (32, 64, 128, 256, 512),
+                          'lr': 0.0005}},
+  'module': 'engine.methods.gan.ganomaly',
+  'class_name': 'GANomaly'},
+ {'name': 'uniad',
+  'family': 'transformer',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'You et al., NeurIPS 2022 (UniAD)',
+  'summary': 'Transformer encoder-decoder with neighbour-masked attention and learnable queries reconstructs frozen '
+             'patch features; map = per-position reconstruction error.',
+  'faithful': False,
+  'notes': 'Single-class use of the unified model. EfficientNet-Lite0 blocks.2+blocks.4 (40+112 channels, '
+           "standardised per channel with training statistics) replace EfficientNet-B4's 272 channels; the token "
+           "grid is `grid`×`grid` (16, as the paper's 14); 1-2 encoder and decoder layers of width 128 instead of "
+           '4+4 of 256; tens of epochs with lr 1e-3 instead of 1000 epochs at 1e-4. Neighbour masks are applied in '
+           'every attention (encoder, decoder self- and cross-attention) as in the paper. Image score = max of the '
+           'smoothed map (the paper uses max of an average-pooled map). Stride-8 features brought to the stride-16 '
+           'token grid are averaged over an odd window first (no zero padding counted); the paper resizes.',
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 40, 'enc_layers': 1, 'dec_layers': 1},
+              'fast': {'max_steps': 300, 'epochs': 60, 'enc_layers': 1, 'dec_layers': 1},
+              'quality': {'max_steps': 1200,
+                          'epochs': 200,
+                          'enc_layers': 2,
+                          'dec_layers': 2,
+                          'd_model': 192,
+                          'lr': 0.0005}},
+  'module': 'engine.methods.transformer.patch_transformer',
+  'class_name': 'UniAD'},
+ {'name': 'devnet',
+  'family': 'weakly_supervised',
+  'localises': True,
+  'supervision': 'weak',
+  'paper': 'Pang, Shen & van den Hengel, KDD 2019',
+  'summary': 'Scoring network trained with the deviation loss: normal scores pulled to a N(0,1) reference, the few '
+             'labelled anomalies pushed ≥ 5σ above it; top-k patch scores give the image score.',
+  'faithful': True,
+  'notes': "Image variant of DevNet as in the group's later image works (explainable DevNet 2021, DRA 2022): the "
+           'scoring head (one hidden layer) runs on every position of frozen EfficientNet-Lite0 features '
+           '(blocks.2+blocks.4, stride 8) instead of a fine-tuned ResNet, and the image score is the top-10% mean of '
+           'patch scores (top-k MIL); the map is those patch scores, upsampled and smoothed, learned only from image '
+           'labels (weak localisation). Deviation loss, N(0,1) prior with l=5000 reference scores per batch, margin '
+           '5, balanced batches with flip/rotation augmentation of the anomalies as in the paper; AdamW instead of '
+           'RMSprop; fixed number of batches per epoch as in the paper, no early stopping.',
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 20, 'steps_per_epoch': 10},
+              'fast': {'epochs': 20, 'steps_per_epoch': 20},
+              'quality': {'epochs': 50, 'steps_per_epoch': 20}},
+  'module': 'engine.methods.weakly_supervised.devnet',
+  'class_name': 'DevNet'},
+ {'name': 'mixed_supervision',
+  'family': 'weakly_supervised',
+  'localises': True,
+  'supervision': 'weak',
+  'paper': 'Božič, Tabernik & Skočaj, Computers in Industry 2021',
+  'summary': 'Segmentation sub-network + classification sub-network on top of it, trained with pixel masks where '
+             'available and image labels for the rest; map = segmentation, score = classification.',
+  'faithful': True,
+  'notes': 'The paper trains its sub-networks from the image; here both read frozen EfficientNet-Lite0 features '
+           "(blocks.2+blocks.4, stride 8 like the paper's output) to keep CPU training short, and the segmentation "
+           'sub-network is smaller (1×1 then two 3×3 convs, 64 channels, instead of 11 convs up to 1024 channels and '
+           'a 15×15 kernel: the backbone features already have a large receptive field). Kept from the paper: λ '
+           'schedule (λ = 1 − epoch/epochs, δ = 0.01), distance-transform weighting (p = 2) of positive pixels on '
+           'dilated masks, stop-gradient from classification into segmentation, classification on segmentation '
+           'volume + output with global max/avg pooling, masks only for `n_masks` anomalies (default all). '
+           'Differences: AdamW instead of SGD, balanced batches (as many labelled anomalies, with flip/rotation '
+           'views, as normal images) instead of frequency sampling, a fixed number of batches per epoch. Without any '
+           'mask the map is learnt from normal images only.',
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 8, 'steps_per_epoch': 8, 'lr': 0.003},
+              'fast': {'epochs': 20, 'steps_per_epoch': 15},
+              'quality': {'epochs': 50, 'steps_per_epoch': 20}},
+  'module': 'engine.methods.weakly_supervised.mixed_supervision',
+  'class_name': 'MixedSupervision'}]
