@@ -149,3 +149,19 @@ def test_quality_preset_is_not_worse_than_fast(sample, name) -> None:
         fast = auroc(test.labels, registry.create(name, preset="fast").fit(train).predict(test).scores)
         quality = auroc(test.labels, registry.create(name, preset="quality").fit(train).predict(test).scores)
         assert quality >= fast - 0.01, f"{name} on {cat}: quality {quality:.3f} < fast {fast:.3f}"
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 80), (2, 8, 8), (1, 5, 40)])
+@pytest.mark.parametrize("sigma", [1.0, 4.0])
+def test_map_blur_equals_a_padded_separable_convolution(shape, sigma) -> None:
+    """gaussian_blur's banded matrix products against the plain convolution with reflect (or, on maps shorter than
+    the kernel's radius, replicate) padding."""
+    from engine.components.anomaly_map import gaussian_blur, gaussian_kernel1d
+
+    maps = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    k = gaussian_kernel1d(sigma)
+    r = k.numel() // 2
+    x = F.pad(maps[:, None], (r, r, 0, 0), mode="reflect" if shape[2] > r else "replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, r, r), mode="reflect" if shape[1] > r else "replicate")
+    torch.testing.assert_close(gaussian_blur(maps, sigma), F.conv2d(x, k.view(1, 1, -1, 1))[:, 0])
