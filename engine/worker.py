@@ -91,7 +91,12 @@ def run_in_worker(data: str | Path, cfg: Any, *, progress: Callable[[str, str, f
     grace_s = CANCEL_GRACE_S if grace_s is None else grace_s
 
     stats = stats if stats is not None else WorkerStats()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+    from engine.threads import worker_env
+
+    # The passive OpenMP wait policy is set before the worker imports torch; threads per method are then
+    # planned by the runner (engine.threads.job) from the CPUs the worker really has.
+    env = worker_env(base={**os.environ,
+                           "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))})
     cmd = [sys.executable, "-m", "engine.worker", *(["--job", label] if label else [])]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=_ROOT)
     stats.pid = proc.pid
@@ -232,11 +237,6 @@ def _name_process() -> None:
         pass
 
 
-def _configure_threads() -> None:
-    """Thread counts of the worker: torch's defaults and the inherited OMP_NUM_THREADS for now; the one place to
-    call the engine's choice of threads for this machine once there is one."""
-
-
 class _StdinLines:
     """Lines of fd 0 read with os.read: no buffered stdin object whose lock a daemon thread could hold when the
     interpreter shuts down (that aborts the process)."""
@@ -287,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         send({"type": "error", "error": "the worker got no job"})
         return 2
     threading.Thread(target=_watch_stdin, args=(stdin, cancel), daemon=True).start()
-    _configure_threads()
     from engine.runner import Cancelled, RunConfig, _PeakMemory, run_methods
 
     send({"type": "started", "pid": os.getpid(), "base_mb": round(_PeakMemory.rss() / 2**20, 1)})
