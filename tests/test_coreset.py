@@ -65,7 +65,22 @@ def test_small_active_sets_and_blocks_change_nothing(active: int, block: int) ->
     for kind, seed in (("gauss", 3), ("grid", 4), ("clusters", 5)):
         z = _data(kind, 250, 12, seed)
         ref = _ref_order(z, 120, 7)
-        assert torch.equal(greedy_k_center(z, 120, 7, active=active, centre_block=block), ref), kind
+        got = greedy_k_center(z, 120, 7, active=active, max_active=active, centre_block=block)
+        assert torch.equal(got, ref), kind
+
+
+def test_growing_active_set_changes_nothing() -> None:
+    z = _data("gauss", 400, 12, 6)
+    got = greedy_k_center(z, 200, 0, active=2, max_active=300, centre_block=16)
+    assert torch.equal(got, _ref_order(z, 200, 0))
+
+
+def test_row_chunks_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.components.coreset as coreset
+
+    monkeypatch.setattr(coreset, "_ROW_CHUNK", 7)  # catch-ups and full passes run in many row chunks
+    z = _data("clusters", 300, 12, 7)
+    assert torch.equal(greedy_k_center(z, 150, 3, active=40, max_active=40, centre_block=9), _ref_order(z, 150, 3))
 
 
 def test_all_identical_rows_repeat_the_lowest_index() -> None:

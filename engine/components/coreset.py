@@ -29,9 +29,12 @@ from collections.abc import Callable
 
 import torch
 
-# Points kept exact after every centre; the active set is refilled to about this size.
+# Points kept exact after every centre: the active set is refilled to about `size` points, starting at
+# _ACTIVE and doubled (up to _MAX_ACTIVE) while refills come so often that their passes over all N
+# points cost more than the steps they serve, halved when they come rarely.
 _ACTIVE = 4096
-# Centres per matrix product when points catch up (bounds the (points, centres) block in memory).
+_MAX_ACTIVE = 65_536
+# Centres per matrix product when points catch up (with _ROW_CHUNK rows: a 64 MB block).
 _CENTRE_BLOCK = 2048
 
 
@@ -111,11 +114,12 @@ def greedy_coreset(x: torch.Tensor, n: int, *, proj_dim: int = 128, seed: int = 
 
 
 def greedy_k_center(z: torch.Tensor, n: int, first: int, *, progress: Callable[[float], None] | None = None,
-                    active: int = _ACTIVE, centre_block: int = _CENTRE_BLOCK) -> torch.Tensor:
+                    active: int = _ACTIVE, max_active: int = _MAX_ACTIVE,
+                    centre_block: int = _CENTRE_BLOCK) -> torch.Tensor:
     """Indices (n,) of the greedy k-center order of the rows of z (N, w), starting at row `first`.
 
-    Same indices as the plain loop over all N points per step (module docstring); `active` and
-    `centre_block` only change the speed.
+    Same indices as the plain loop over all N points per step (module docstring); `active`,
+    `max_active` and `centre_block` only change the speed.
     """
     n_total = z.shape[0]
     z = _pad_pow2(z.float()).contiguous()
@@ -126,7 +130,9 @@ def greedy_k_center(z: torch.Tensor, n: int, first: int, *, progress: Callable[[
     selected[0] = first
     bound = _sqdist(z, z[first])  # (N,) exact min_d over the first seen[x] centres
     seen = torch.ones(n_total, dtype=torch.int64, device=dev)
-    active = max(1, min(int(active), n_total))
+    size = max(1, min(int(active), n_total))
+    max_size = max(size, min(int(max_active), n_total))
+    last_refill = 0
     tau = math.inf
     act = torch.empty(0, dtype=torch.int64, device=dev)  # active points (ascending), exact after each centre
     act_d = bound[act]
@@ -139,7 +145,12 @@ def greedy_k_center(z: torch.Tensor, n: int, first: int, *, progress: Callable[[
         if pos < 0 or float(act_d[pos]) < tau:
             bound[act] = act_d
             seen[act] = i
-            tau, act = _refill(z, sq, p_err, bound, seen, selected[:i], active, centre_block)
+            if i > 1:
+                served = (i - last_refill) * size
+                size = min(2 * size, max_size) if served < n_total else size // 2 if served > 8 * n_total else size
+                size = max(size, min(int(active), n_total))
+            last_refill = i
+            tau, act = _refill(z, sq, p_err, bound, seen, selected[:i], size, centre_block)
             act_d = bound[act]
             act_z, act_sq = z[act], sq[act]
             act_err = act_sq * p_err
@@ -183,25 +194,25 @@ def _catch_up(z: torch.Tensor, sq: torch.Tensor, p_err: float, bound: torch.Tens
     recomputed with `_sqdist`.
     """
     k = centres.numel()
-    order = torch.argsort(seen[rows])
-    rows = rows[order]
-    start = seen[rows]  # ascending
-    zr, sqr = z[rows], sq[rows]
-    best = bound[rows].clone()
-    first = int(start[0])
-    for a in range(first, k, centre_block):
-        b = min(a + centre_block, k)
-        r = int(torch.searchsorted(start, b))  # rows that have not seen all of this block
-        c_idx = centres[a:b]
-        zc, sqc = z[c_idx], sq[c_idx]
-        # prod = |c|² − 2x·c (r, b): the row term |x|² and the error bound (per row, with the block's
-        # largest |c|²) go into row thresholds, so the block is read only a few times.
-        prod = torch.addmm(sqc[None, :], zr[:r], zc.t(), alpha=-2.0)
-        err = (sqr[:r] + float(sqc.max())) * p_err
-        upper = torch.minimum(best[:r], (prod.amin(1) + sqr[:r] + err) * (1 + _TREE_ERR))
-        limit = upper / (1 - _TREE_ERR) + err - sqr[:r]
-        ri, ci = (prod <= limit[:, None]).nonzero(as_tuple=True)
-        exact = _sqdist(zr[ri], zc[ci])
-        best[:r] = best[:r].scatter_reduce(0, ri, exact, "amin")
-    bound[rows] = best
+    rows = rows[torch.argsort(seen[rows])]
+    for r0 in range(0, rows.numel(), _ROW_CHUNK):  # bounds the (rows, centres) block in memory
+        part = rows[r0:r0 + _ROW_CHUNK]
+        start = seen[part]  # ascending
+        zr, sqr = z[part], sq[part]
+        best = bound[part].clone()
+        for a in range(int(start[0]), k, centre_block):
+            b = min(a + centre_block, k)
+            r = int(torch.searchsorted(start, b))  # rows that have not seen all of this block
+            c_idx = centres[a:b]
+            zc, sqc = z[c_idx], sq[c_idx]
+            # prod = |c|² − 2x·c (r, b): the row term |x|² and the error bound (per row, with the block's
+            # largest |c|²) go into row thresholds, so the block is read only a few times.
+            prod = torch.addmm(sqc[None, :], zr[:r], zc.t(), alpha=-2.0)
+            err = (sqr[:r] + float(sqc.max())) * p_err
+            upper = torch.minimum(best[:r], (prod.amin(1) + sqr[:r] + err) * (1 + _TREE_ERR))
+            limit = upper / (1 - _TREE_ERR) + err - sqr[:r]
+            ri, ci = (prod <= limit[:, None]).nonzero(as_tuple=True)
+            exact = _sqdist(zr[ri], zc[ci])
+            best[:r] = best[:r].scatter_reduce(0, ri, exact, "amin")
+        bound[part] = best
     seen[rows] = k
