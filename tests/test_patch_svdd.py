@@ -106,3 +106,12 @@ def test_registry_marks_fast_as_reduced() -> None:
     assert registry.info("patch_svdd").faithful
     assert registry.is_reduced("patch_svdd", "fast") and not registry.is_reduced("patch_svdd", "quality")
     assert PatchSVDD().get_params()["size"] == 256 and PatchEncoder32().convs[-1].out_channels == 64
+
+
+def test_bank_cap_keeps_a_seeded_subset(sample_brick) -> None:
+    train = sample_brick[0].subset(list(range(4)))
+    full = registry.create("patch_svdd", preset="test", max_steps=2).fit(train)
+    capped = registry.create("patch_svdd", preset="test", max_steps=2, max_bank=100).fit(train)
+    assert len(capped.bank32_) == len(capped.bank64_) == 100 < len(full.bank32_)
+    rows = {tuple(r.tolist()) for r in full.bank32_}
+    assert all(tuple(r.tolist()) in rows for r in capped.bank32_)

@@ -183,12 +183,13 @@ def distribute_scores(scores: torch.Tensor, size: tuple[int, int], k: int, strid
           "weight-normalised linear layer whose weight gets no gradient; here a plain linear layer. Training "
           "length: quality = the paper's 300 epochs of 100 pairs per image (3750 loop epochs of 8 images x 8 "
           "pairs); fast (reduced) works at 128 px with quarter-width encoders, 8 pairs of each kind per step, "
-          "200 steps at lr 1e-3; pixels of the right/bottom border that no patch covers "
+          "200 steps at lr 1e-3, and at most 50 000 normal codes per patch size (a seeded random subset; more than "
+          "80 training images at 128 px); pixels of the right/bottom border that no patch covers "
           "score 0, as in the authors' code.",
     presets={"test": {"size": 128, "width": 0.25, "batch_size": 4, "pairs_per_image": 2, "max_steps": 40,
                       "lr": 1e-3},
              "fast": {"size": 128, "width": 0.25, "batch_size": 4, "pairs_per_image": 2, "max_steps": 200,
-                      "lr": 1e-3},
+                      "lr": 1e-3, "max_bank": 50_000},
              "quality": {}},
     reduced_presets=("test", "fast"),
 )
@@ -197,7 +198,8 @@ class PatchSVDD(BaseDetector):
 
     def __init__(self, size: int = 256, dim: int = 64, width: float = 1.0, lambda_svdd: float = 1.0,
                  lr: float = 1e-4, batch_size: int = 8, pairs_per_image: int = 8, epochs: int = 3750,
-                 max_steps: int | None = None, stride64: int = 16, stride32: int = 4, seed: int = 0):
+                 max_steps: int | None = None, stride64: int = 16, stride32: int = 4, max_bank: int | None = None,
+                 seed: int = 0):
         self.size = size
         self.dim = dim
         self.width = width
@@ -209,6 +211,7 @@ class PatchSVDD(BaseDetector):
         self.max_steps = max_steps
         self.stride64 = stride64
         self.stride32 = stride32
+        self.max_bank = max_bank
         self.seed = seed
 
     def _check(self) -> None:
@@ -269,13 +272,20 @@ class PatchSVDD(BaseDetector):
                          len(x), cfg, modules=[self.enc_, cls64, cls32], device=self.device_, progress=progress)
         self.history_ = res.history
         e64, e32 = self._embed(x)
-        self.bank64_ = e64.permute(0, 2, 3, 1).reshape(-1, self.dim)
-        self.bank32_ = e32.permute(0, 2, 3, 1).reshape(-1, self.dim)
+        self.bank64_ = self._cap(e64.permute(0, 2, 3, 1).reshape(-1, self.dim))
+        self.bank32_ = self._cap(e32.permute(0, 2, 3, 1).reshape(-1, self.dim))
         if float(self.bank32_.std(0).max()) < 1e-6:
             raise MethodFailure("patch_svdd collapsed: every training patch has the same code")
         self.run_notes_ = {"training": res.summary(),
                            "resolution": f"trained and scored at {self.size}×{self.size} px"
                                          + ("" if self.width == 1.0 else f", encoders at {self.width:g}× width")}
+
+    def _cap(self, bank: torch.Tensor) -> torch.Tensor:
+        """At most `max_bank` normal codes (a seeded random subset; None keeps all, as the paper): (M, D) -> (M', D).
+        Bounds the nearest-neighbour search on large training sets."""
+        if self.max_bank is None or len(bank) <= self.max_bank:
+            return bank
+        return bank[torch.randperm(len(bank), generator=self.generator_)[:self.max_bank]]
 
     def _embed(self, x: torch.Tensor, bs: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised images (N, 3, S, S) -> codes of the scored patches: (N, D, I64, J64), (N, D, I32, J32)."""
