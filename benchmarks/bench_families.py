@@ -27,8 +27,8 @@ from engine.cli import main as cli_main  # noqa: E402
 from engine.data import discover  # noqa: E402
 from engine.runner import load_images, load_prediction  # noqa: E402
 
-DEFAULT = ["patchcore", "stfpm", "reverse_distillation", "efficient_ad", "patch_svdd", "fcdd", "fastflow", "cflow",
-           "autoencoder", "vae", "draem", "ganomaly", "uniad"]
+DEFAULT = ["patchcore", "stfpm", "reverse_distillation", "efficient_ad", "deep_svdd", "patch_svdd", "fcdd", "fastflow",
+           "cflow", "autoencoder", "vae", "draem", "ganomaly", "uniad"]
 
 
 def _fmt(v: float | None) -> str:

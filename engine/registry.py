@@ -41,6 +41,7 @@ _METHOD_MODULES = [
     "engine.methods.teacher_student.stfpm",
     "engine.methods.teacher_student.reverse_distillation",
     "engine.methods.teacher_student.efficient_ad",
+    "engine.methods.one_class.deep_svdd",
     "engine.methods.one_class.patch_svdd",
     "engine.methods.one_class.fcdd",
     "engine.methods.distribution.fastflow",
@@ -70,6 +71,8 @@ class MethodInfo:
     trained: bool = False  # gradient-trained (uses train_loop): presets change its epochs
     uses_backbone: bool = True
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # "fast" / "quality" -> params
+    # Presets that shrink the paper's configuration to fit a CPU (DESIGN §3): runs with them are marked "reduced".
+    reduced_presets: tuple[str, ...] = ()
     factory: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     module: str = field(default="", compare=False, repr=False)  # where the class lives (imported on first use)
     class_name: str = field(default="", compare=False, repr=False)
@@ -105,12 +108,19 @@ def register(
     trained: bool = False,
     uses_backbone: bool = True,
     presets: dict[str, dict[str, Any]] | None = None,
+    reduced_presets: tuple[str, ...] = (),
 ) -> Callable[[type], type]:
-    """Class decorator adding a Detector class to the registry under `name`."""
+    """Class decorator adding a Detector class to the registry under `name`.
+
+    reduced_presets: the presets (of "test", "fast", "quality") that shrink the paper's configuration; a run
+    with one of them is marked `"reduced": true` in its record and shown as "reduced".
+    """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILIES)}")
     if supervision not in ("none", "weak"):
         raise ValueError("supervision must be 'none' or 'weak'")
+    if set(reduced_presets) - {"test", "fast", "quality"}:
+        raise ValueError(f"reduced_presets must name presets (test, fast, quality), got {reduced_presets}")
 
     def deco(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name].factory is not cls:
@@ -118,7 +128,8 @@ def register(
         _REGISTRY[name] = MethodInfo(
             name=name, family=family, localises=localises, supervision=supervision, paper=paper,
             summary=summary, faithful=faithful, notes=notes, trained=trained, uses_backbone=uses_backbone,
-            presets=dict(presets or {}), factory=cls, module=cls.__module__, class_name=cls.__qualname__,
+            presets=dict(presets or {}), reduced_presets=tuple(reduced_presets), factory=cls,
+            module=cls.__module__, class_name=cls.__qualname__,
         )
         cls.method_name = name
         cls.family = family
@@ -189,6 +200,11 @@ def info(name: str) -> MethodInfo:
     cls = getattr(importlib.import_module(entry.module), entry.class_name)
     live = _REGISTRY.get(name)
     return live if live is not None and live.factory is cls else replace(entry, factory=cls)
+
+
+def is_reduced(name: str, preset: str | None) -> bool:
+    """True when `preset` shrinks the paper's configuration of method `name` (its run is shown as "reduced")."""
+    return bool(preset) and preset in info(name).reduced_presets
 
 
 def create(name: str, *, preset: str | None = None, **params: Any) -> Any:

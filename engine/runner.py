@@ -248,7 +248,8 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
     rec: dict[str, Any] = {"method": name, "family": mi.family, "params": {}, "weights": None,
                            "status": "failed", "error": None, "metrics": None,
                            "timing": {"fit_s": None, "predict_s": None, "images_per_s": None, "peak_mem_mb": None},
-                           "images": [], "faithful": mi.faithful, "localises": mi.localises, "cached": False}
+                           "images": [], "faithful": mi.faithful, "localises": mi.localises, "cached": False,
+                           "preset": cfg.preset, "reduced": registry.is_reduced(name, cfg.preset)}
 
     def prog(stage: str, fraction: float | None = None, info: dict[str, Any] | None = None) -> None:
         if cancel is not None and cancel.is_set():
@@ -265,6 +266,7 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
         need_model = cfg.keep_models or save is not None
 
         def from_cache(stored: dict[str, Any]) -> dict[str, Any]:
+            stored.update(preset=rec["preset"], reduced=rec["reduced"])  # the same params may come from another preset
             if save is not None:
                 _save_model(save, stored, cache=cache)
             prog("done", 1.0, {"cached": True})

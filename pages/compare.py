@@ -41,6 +41,9 @@ num["peak MB"] = st.column_config.NumberColumn("peak MB", format="%.0f")
 st.dataframe(df, hide_index=True, width="stretch", column_config=num)
 for _, row in df[df["status"].str.startswith("failed")].iterrows():
     st.error(f"**{row['method']}** failed: {row['error']}")
+if "reduced" in df and df["reduced"].any():
+    st.caption("reduced = True: the preset shrinks the paper's configuration (smaller networks, fewer steps or a "
+               "lower resolution) to fit a CPU; the quality preset runs the paper's configuration.")
 if (~df["faithful"]).any():
     st.caption("faithful = False: the implementation is simplified relative to its paper; treat its numbers "
                "as indicative.")

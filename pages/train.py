@@ -142,6 +142,8 @@ for i, (fam, methods) in enumerate(by_family.items()):
             badges = []
             if not m["faithful"]:
                 badges.append(":orange-badge[not yet faithful]")
+            if preset in m.get("reduced_presets", ()):
+                badges.append(f":gray-badge[reduced in {preset}]")
             if not m["localises"]:
                 badges.append(":gray-badge[no pixel map]")
             if m["supervision"] == "weak":

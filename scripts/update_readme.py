@@ -23,7 +23,8 @@ def method_table() -> str:
     for m in available():
         rows.append(f"| {FAMILIES[m.family]} | `{m.name}` | {m.paper} | {'yes' if m.localises else 'no'} | "
                     f"{'normal images + K labelled anomalies' if m.supervision == 'weak' else 'normal images'} | "
-                    f"{'yes' if m.faithful else '**not yet**'} |")
+                    f"{'yes' if m.faithful else '**not yet**'}"
+                    f"{' (fast: reduced)' if m.faithful and 'fast' in m.reduced_presets else ''} |")
         if m.notes:
             details.append(f"- `{m.name}`: {m.notes}")
     return "\n".join(rows + details)

@@ -104,3 +104,54 @@ def test_deterministic_on_cpu(name: str, fitted, sample_brick) -> None:
     a = registry.create(name, **p).fit(small).predict(test.subset([0, 10]))
     b = registry.create(name, **p).fit(small).predict(test.subset([0, 10]))
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+
+
+def test_ssim_autoencoder_is_the_papers_network() -> None:
+    from engine.methods.autoencoder.autoencoder import SSIMAutoencoder
+
+    net = SSIMAutoencoder(128, 100)
+    convs = [m for m in net.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [
+        (32, 4, 2), (32, 4, 2), (32, 3, 1), (64, 4, 2), (64, 3, 1), (128, 4, 2), (64, 3, 1), (32, 3, 1), (100, 8, 1)]
+    x = torch.rand(2, 3, 128, 128)
+    assert net.encoder(x).shape == (2, 100, 1, 1) and net(x).shape == x.shape
+    assert not isinstance(net.decoder[-1], torch.nn.LeakyReLU)  # linear output layer
+
+
+def test_ssim_autoencoder_losses_by_hand() -> None:
+    from engine.methods.autoencoder.autoencoder import Autoencoder, window_starts
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    assert float(Autoencoder().training_loss(x, y)) == pytest.approx(float(1 - ssim_map(x, y).mean()), abs=1e-6)
+    assert float(Autoencoder(loss="l2").training_loss(x, y)) == pytest.approx(float(((x - y) ** 2).mean()), abs=1e-6)
+    assert window_starts(256, 128, 32) == [0, 32, 64, 96, 128] and window_starts(200, 128, 50) == [0, 50, 72]
+
+
+def test_sliding_window_map_averages_overlaps() -> None:
+    from engine.methods.autoencoder.autoencoder import Autoencoder
+
+    det = Autoencoder(size=64, patch=32, stride=16, width=0.25, latent_dim=8, loss="l2")
+    det.device_ = "cpu"
+    det.net_ = det._build().eval()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    m = det.residual_map(x)
+    with torch.no_grad():
+        w00 = det.residual(x[..., :32, :32], det.net_(x[..., :32, :32]))
+        w01 = det.residual(x[..., :32, 16:48], det.net_(x[..., :32, 16:48]))
+    torch.testing.assert_close(m[0, :16, :16], w00[0, :16, :16])  # one window only
+    torch.testing.assert_close(m[0, :16, 16:32], ((w00[0, :16, 16:] + w01[0, :16, :16]) / 2))
+
+
+def test_vae_score_is_the_negative_elbo() -> None:
+    from engine.methods.autoencoder.vae import VAE, kl_to_prior
+
+    mu, logvar = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, float(np.log(4.0))]])
+    # KL(N(1, 1) || N(0, 1)) = 0.5; KL(N(0, 4) || N(0, 1)) = 0.5 (4 − 1 − ln 4)
+    assert float(kl_to_prior(mu, logvar)[0]) == pytest.approx(0.5 + 0.5 * (3 - np.log(4.0)), abs=1e-6)
+    det = VAE(beta=1.0)
+    x, rec = torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 0.5)
+    assert float(det.neg_elbo(x, rec, mu, logvar)[0]) == pytest.approx(12 * 0.25 + float(kl_to_prior(mu, logvar)[0]))
+    det.device_ = "cpu"
+    net = det._build()
+    assert net.encoder(torch.zeros(1, 3, 128, 128)).shape == (1, 200, 1, 1)  # μ and log σ² of a d = 100 latent

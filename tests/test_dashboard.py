@@ -180,6 +180,8 @@ def test_run_notes_reach_the_tables() -> None:
     assert services.run_notes_text({"method": "padim"}) == ""
     df = services.metrics_table({"runs": [run]})
     assert "WARNING mode collapse" in df.loc[0, "notes"]
+    assert not df.loc[0, "reduced"]
+    assert services.metrics_table({"runs": [{**run, "reduced": True}]}).loc[0, "reduced"]
 
 
 def test_quality_preset_on_cpu_warns_about_time() -> None:

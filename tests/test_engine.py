@@ -267,6 +267,23 @@ def test_memory_bank_quality_on_sample_data(tmp_path) -> None:
 
 
 # --- --param values -----------------------------------------------------------------------------------
+def test_reduced_presets_are_marked_in_the_record(tiny, tmp_path, monkeypatch) -> None:
+    """A run whose preset shrinks the paper's configuration says "reduced": true, cached or not."""
+    import dataclasses
+
+    from engine import registry
+
+    cache = Cache(tmp_path / "c")
+    first = run_methods(tiny, RunConfig(methods=["padim"], image_size=48), cache=cache)["runs"][0]
+    assert first["status"] == "ok" and first["reduced"] is False and first["preset"] == "fast"
+    mi = registry.info("padim")
+    monkeypatch.setitem(registry._REGISTRY, "padim", dataclasses.replace(mi, reduced_presets=("fast",)))
+    again = run_methods(tiny, RunConfig(methods=["padim"], image_size=48), cache=cache)["runs"][0]
+    assert again["cached"] and again["reduced"] is True
+    with pytest.raises(ValueError, match="reduced_presets"):
+        registry.register(family="gan", name="x", localises=False, paper="p", summary="s", reduced_presets=("fats",))
+
+
 @pytest.mark.parametrize("text, value", [
     ("None", None), ("null", None), ("true", True), ("False", False), ("3", 3), ("0.1", 0.1), ("-2e-3", -2e-3),
     ("blocks.2,blocks.4", ("blocks.2", "blocks.4")), ("(1, 2)", (1, 2)), ("[1, 2]", [1, 2]), ("mean", "mean"),

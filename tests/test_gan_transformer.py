@@ -11,7 +11,7 @@ from engine.methods.gan.ganomaly import GANomaly, GANomalyGenerator
 from engine.methods.transformer.patch_transformer import UniAD, neighbour_mask
 
 # Small settings: these tests check behaviour, not quality (the contract suite checks quality).
-TINY_GAN = {"size": 32, "widths": (8, 16, 32), "nz": 16, "epochs": 4, "lr": 2e-3}
+TINY_GAN = {"size": 32, "ngf": 8, "nz": 16, "epochs": 4, "lr": 2e-3, "batch_size": 8}
 SMALL_UNIAD = {"epochs": 6, "enc_layers": 1, "dec_layers": 1, "d_model": 64, "ff_dim": 128}
 
 
@@ -141,3 +141,31 @@ def test_uniad_token_grid_keeps_cells_over_their_pixels() -> None:
     got = to_grid(x8, (16, 16))[0, 0, 0]
     want = torch.arange(16, dtype=torch.float32) * 16
     assert torch.allclose(got[1:-1], want[1:-1], atol=1e-4), got  # the border cell averages only two cells
+
+
+def test_ganomaly_networks_are_the_papers_dcgan() -> None:
+    """At 64 px with ngf 64: encoder widths 64-128-256-512 down to 4x4, a 100-d latent, a mirrored decoder."""
+    from engine.methods.gan.ganomaly import GANomalyDiscriminator
+
+    g = GANomalyGenerator(64, 64, 100)
+    convs = [m for m in g.encoder1.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 512]
+    assert all(c.kernel_size == (4, 4) and c.stride == (2, 2) for c in convs)
+    with torch.no_grad():
+        fake, z, zo = g(torch.zeros(2, 3, 64, 64))
+    assert fake.shape == (2, 3, 64, 64) and z.shape == zo.shape == (2, 100)
+    assert float(fake.abs().max()) <= 1.0  # tanh output
+    tconvs = [m for m in g.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [c.out_channels for c in tconvs] == [512, 256, 128, 64, 3]
+    logits, feats = GANomalyDiscriminator(64, 64)(torch.zeros(2, 3, 64, 64))
+    assert logits.shape == (2,) and feats.shape == (2, 512, 4, 4)
+    p = GANomaly().get_params()
+    assert (p["w_adv"], p["w_con"], p["w_enc"], p["nz"], p["lr"]) == (1.0, 50.0, 1.0, 100, 2e-4)
+
+
+def test_ganomaly_score_is_the_l1_latent_distance() -> None:
+    det = GANomaly()
+    z = torch.tensor([[0.0, 1.0, -2.0], [1.0, 1.0, 1.0]])
+    zo = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    x = torch.zeros(2, 3, 4, 4)
+    assert det._scores(x, x, z, zo).tolist() == pytest.approx([1.0, 0.0])

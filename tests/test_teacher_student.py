@@ -16,12 +16,12 @@ from torch import nn
 
 from engine import registry
 from engine.api import ImageSet
-from engine.methods.one_class.patch_svdd import SVDDProjector, guard_centre
+from engine.methods.one_class.deep_svdd import SVDDProjector, guard_centre
 from engine.methods.teacher_student.stfpm import TrainableStudent
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data"
-METHODS = ["stfpm", "reverse_distillation", "patch_svdd"]
-SHORT = {"stfpm": {"epochs": 4, "lr": 5e-3}, "reverse_distillation": {"epochs": 4}, "patch_svdd": {"epochs": 6}}
+METHODS = ["stfpm", "reverse_distillation", "deep_svdd"]
+SHORT = {"stfpm": {"epochs": 4, "lr": 5e-3}, "reverse_distillation": {"epochs": 4}, "deep_svdd": {"epochs": 6}}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_centre_eps_guard() -> None:
 
 
 def test_fitted_centre_respects_eps(brick64) -> None:
-    det, _ = _short_run("patch_svdd", 0, brick64)
+    det, _ = _short_run("deep_svdd", 0, brick64)
     assert bool((det.centre_.abs() >= det.centre_eps - 1e-7).all())
 
 

@@ -21,7 +21,7 @@ from engine.runner import RunConfig, run_methods
 from engine.worker import KILLED_MESSAGE, WorkerError, WorkerStats, died_message, run_in_worker
 
 # Long enough that the test surely catches the autoencoder in its fit (the worker is killed or cancelled there).
-LONG_FIT = {"autoencoder": {"epochs": 10_000, "max_steps": 1_000_000, "size": 32}}
+LONG_FIT = {"autoencoder": {"epochs": 10_000, "max_steps": 1_000_000, "size": 32, "patch": 32}}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.api import ImageSet, Prediction, Progress
+from engine.api import ConfigError, ImageSet, Prediction, Progress
 from engine.components.anomaly_map import gaussian_blur
 from engine.components.nets import ConvDecoder, ConvEncoder, ssim_map
 from engine.components.train_loop import Objective, TrainConfig, train_loop
@@ -112,66 +112,171 @@ class ConvAE(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+class SSIMAutoencoder(nn.Module):
+    """The paper's convolutional autoencoder (Bergmann et al. 2019, Table 1) for P x P patches (P = 128):
+
+    encoder  Conv 4x4/2 32, Conv 4x4/2 32, Conv 3x3 32, Conv 4x4/2 64, Conv 3x3 64, Conv 4x4/2 128, Conv 3x3 64,
+             Conv 3x3 32, Conv (P/16)x(P/16) valid to `latent_dim` (1x1: the d = 100 latent vector);
+    decoder  the mirror with transposed convolutions. LeakyReLU(0.2) after every layer except the last of the
+             encoder and of the decoder (linear). `width` scales the channel counts (1 = the paper's).
+    (N, 3, P, P) -> (N, 3, P, P); the latent is (N, latent_dim, 1, 1) ((N, 2 latent_dim, 1, 1) when
+    `variational`: the VAE reads μ and log σ² from it and forward() is not used).
+    """
+
+    # (out channels, kernel, stride, padding) of the encoder; the decoder mirrors them.
+    LAYERS = ((32, 4, 2, 1), (32, 4, 2, 1), (32, 3, 1, 1), (64, 4, 2, 1), (64, 3, 1, 1), (128, 4, 2, 1),
+              (64, 3, 1, 1), (32, 3, 1, 1))
+
+    def __init__(self, patch: int = 128, latent_dim: int = 100, width: float = 1.0, channels: int = 3,
+                 variational: bool = False):
+        super().__init__()
+        if patch % 16:
+            raise ValueError(f"patch must be divisible by 16, got {patch}")
+        outs = [max(4, round(c * width)) for c, *_ in self.LAYERS]
+        enc: list[nn.Module] = []
+        c_in = channels
+        for c_out, (_, k, st, pad) in zip(outs, self.LAYERS, strict=True):
+            enc += [nn.Conv2d(c_in, c_out, k, st, pad), nn.LeakyReLU(0.2, inplace=True)]
+            c_in = c_out
+        # a VAE's encoder outputs μ and log σ² (2 x latent_dim)
+        enc.append(nn.Conv2d(c_in, 2 * latent_dim if variational else latent_dim, patch // 16))
+        self.encoder = nn.Sequential(*enc)
+        dec: list[nn.Module] = [nn.ConvTranspose2d(latent_dim, c_in, patch // 16), nn.LeakyReLU(0.2, inplace=True)]
+        ins = [channels, *outs[:-1]]
+        for i in reversed(range(len(self.LAYERS))):
+            _, k, st, pad = self.LAYERS[i]
+            c_out = ins[i]
+            conv = nn.ConvTranspose2d(outs[i], c_out, k, st, pad) if st > 1 else nn.Conv2d(outs[i], c_out, k, st, pad)
+            dec.append(conv)
+            if i > 0:
+                dec.append(nn.LeakyReLU(0.2, inplace=True))
+        self.decoder = nn.Sequential(*dec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def window_starts(size: int, patch: int, stride: int) -> list[int]:
+    """Top-left offsets of sliding windows of `patch` px at `stride` covering [0, size), the last one flush with
+    the border."""
+    starts = list(range(0, size - patch + 1, stride))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    return starts
+
+
 @register(
     family="autoencoder", name="autoencoder", localises=True, trained=True, uses_backbone=False,
     paper="Bergmann et al., VISAPP 2019 (SSIM autoencoder)",
-    summary="Convolutional autoencoder trained from scratch on normal images (L2 + SSIM loss); "
-            "anomalies are what it cannot reconstruct.",
-    notes="Trained from scratch at a working resolution of `size` px (default 128; inputs are resized, maps "
-          "upsampled back) with seeded flips. Loss = MSE + ssim_loss_weight·(1 − mean SSIM) (the paper uses "
-          "SSIM alone or L2 alone). Bottleneck: a narrow spatial latent map (size/16, `latent_channels` "
-          "channels) instead of the paper's 100-d vector, which on 20-image texture sets only learns a "
-          "blurred mean. Map = (1 − w)·|x − x̂| + w·(1 − SSIM)/2, Gaussian σ = 2 px at 128 px; the blend "
-          "weight w = map_ssim_weight defaults to 0 (per-pixel error only): on the sample textures the SSIM "
-          "term made maps worse (pixel AUROC 0.947 at w = 0, 0.895 at w = 0.5), so SSIM is used in the loss "
-          "only unless w is raised. Score = mean of the top 1% map pixels (a robust max). Whole images, not "
-          "the paper's sliding patches.",
-    faithful=False,
-    presets={"test": {"epochs": 30}, "fast": {"max_steps": 300, "epochs": 60},
-             "quality": {"max_steps": 1200, "epochs": 300}},
+    summary="Convolutional autoencoder trained from scratch on random patches of normal images with the SSIM "
+            "loss (or L2); anomalies are where the reconstruction is structurally dissimilar.",
+    notes="Follows the paper: its Table 1 architecture (4x4/3x3 convs of 32-128 channels, a d = 100 latent "
+          "vector, mirrored decoder, LeakyReLU 0.2, linear outputs), SSIM loss with an 11 px Gaussian window "
+          "(`loss='l2'` is the paper's L2 variant), training on random 128 px patches (Adam lr 2e-4, weight decay "
+          "1e-5, batch 128, 200 epochs of 10 000 patches in quality), residual map 1 − SSIM (or the squared error "
+          "for L2) from 128 px sliding windows (stride 32, overlapping maps averaged), image score = the map's "
+          "maximum. Images are resized to `size` = 256 px (the MVTec AD evaluation zooms textures to 512 px). "
+          "Colour images keep their 3 channels (the paper's woven textures were grey). fast (reduced): images at "
+          "128 px, 64 px windows at stride 16 (the same architecture, its last conv 4x4), half-width channels, "
+          "300 steps of 16 patches at lr 2e-3, and the map smoothed with a Gaussian of σ = 2 px (without it the "
+          "max score is noisy: sample brick image AUROC 0.79 without, 0.93 with, test preset).",
+    presets={"test": {"size": 128, "patch": 64, "stride": 16, "sigma": 2.0, "width": 0.5, "batch_size": 8,
+                      "epochs": 400, "max_steps": 150, "lr": 2e-3},
+             "fast": {"size": 128, "patch": 64, "stride": 16, "sigma": 2.0, "width": 0.5, "batch_size": 16,
+                      "epochs": 400, "max_steps": 300, "lr": 2e-3},
+             "quality": {}},
+    reduced_presets=("test", "fast"),
 )
 class Autoencoder(ReconstructionDetector):
-    """SSIM autoencoder: maps are reconstruction residuals (per-pixel error blended with 1 − SSIM)."""
+    """SSIM autoencoder (Bergmann et al. 2019): maps are 1 − SSIM (or squared error) of sliding-window
+    reconstructions. Defaults are the paper's configuration."""
 
-    def __init__(self, size: int = 128, widths: tuple[int, ...] = (16, 32, 64, 64), latent: str = "map",
-                 latent_channels: int = 4, latent_dim: int = 100, epochs: int = 60, batch_size: int = 8,
-                 lr: float = 2e-3, ssim_loss_weight: float = 1.0, map_ssim_weight: float = 0.0, sigma: float = 2.0,
-                 top_k: float = 0.01, max_steps: int | None = None, seed: int = 0):
+    def __init__(self, size: int = 256, patch: int = 128, latent_dim: int = 100, width: float = 1.0,
+                 loss: str = "ssim", epochs: int = 15625, batch_size: int = 128, lr: float = 2e-4,
+                 weight_decay: float = 1e-5, stride: int = 32, sigma: float = 0.0, top_k: float = 0.0,
+                 max_steps: int | None = 200 * 10_000 // 128, seed: int = 0):
         self.size = size
-        self.widths = tuple(widths)
-        self.latent = latent
-        self.latent_channels = latent_channels
+        self.patch = patch
         self.latent_dim = latent_dim
+        self.width = width
+        self.loss = loss
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
-        self.ssim_loss_weight = ssim_loss_weight
-        self.map_ssim_weight = map_ssim_weight
+        self.weight_decay = weight_decay
+        self.stride = stride
         self.sigma = sigma
         self.top_k = top_k
         self.max_steps = max_steps
         self.seed = seed
 
-    def _build(self) -> ConvAE:
-        return ConvAE(self.widths, self.latent, self.latent_channels, self.latent_dim, self.size).to(self.device_)
+    def _check(self) -> None:
+        if self.loss not in ("ssim", "l2"):
+            raise ConfigError(f"autoencoder: loss must be 'ssim' (the paper's) or 'l2', not {self.loss!r}")
+        if self.patch % 16 or not 16 <= self.patch <= self.size:
+            raise ConfigError(f"autoencoder: patch must be a multiple of 16 between 16 and size ({self.size}), "
+                              f"got {self.patch}")
+        if self.stride < 1:
+            raise ConfigError(f"autoencoder: stride must be ≥ 1, got {self.stride}")
+
+    def _build(self) -> SSIMAutoencoder:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return SSIMAutoencoder(self.patch, self.latent_dim, self.width).to(self.device_)
+
+    def residual(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """Per-pixel residual (N, 3, P, P) x2 -> (N, P, P): 1 − SSIM (loss 'ssim') or the squared error averaged
+        over channels ('l2')."""
+        if self.loss == "ssim":
+            return 1 - ssim_map(x, rec)
+        return (x - rec).pow(2).mean(1)
+
+    def training_loss(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """The paper's loss on a batch of patches: mean (1 − SSIM) or mean squared error. Scalar."""
+        return self.residual(x, rec).mean()
+
+    def _random_patches(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """One random `patch` px crop of each image x[idx]: (B, 3, P, P)."""
+        p = self.patch
+        r = torch.randint(0, self.size - p + 1, (len(idx), 2), generator=self.generator_)
+        return torch.stack([x[int(i), :, a:a + p, b:b + p] for i, (a, b) in zip(idx.tolist(), r.tolist(), strict=True)])
 
     def _fit(self, train: ImageSet, anomalies: ImageSet | None, progress: Progress) -> None:
+        self._check()
         x = self._working(train)
         self.net_ = self._build()
+        n = len(x)
+        # Items of the loop are patches: image k % n, a fresh random crop each time it is drawn.
+        n_items = max(n, self.batch_size * 4)
 
-        def loss(idx: torch.Tensor, augment: bool = True) -> torch.Tensor:
-            b = x[idx]
-            b = (self._flip(b) if augment else b).to(self.device_)
-            rec = self.net_(b)
-            return F.mse_loss(rec, b) + self.ssim_loss_weight * (1 - ssim_map(rec, b).mean())
+        def loss(idx: torch.Tensor) -> torch.Tensor:
+            b = self._random_patches(x, idx % n).to(self.device_)
+            return self.training_loss(b, self.net_(b))
 
-        self._train(loss, len(x), progress, val_loss=lambda i: float(loss(i, False)))
+        cfg = TrainConfig(max_steps=self.max_steps, epochs=self.epochs, batch_size=self.batch_size,
+                          cuda_batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                          val_fraction=0.0, grad_clip=None, seed=self.seed)
+        res = train_loop(Objective(self.net_.parameters(), loss), n_items, cfg, modules=[self.net_],
+                         device=self.device_, progress=progress)
+        self.history_ = res.history
+        self.run_notes_ = {"training": res.summary(),
+                           "resolution": f"{self.size} px images, {self.patch} px windows at stride {self.stride}"}
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, size, size) in [0, 1] -> reconstructions of the same shape (eval mode)."""
-        return torch.cat(self._batched(x, self.net_)).float().cpu()
+    def residual_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Sliding-window residuals of images (N, 3, S, S) -> (N, S, S), overlapping windows averaged."""
+        p = self.patch
+        starts = window_starts(self.size, p, self.stride)
+        total = torch.zeros(x.shape[0], self.size, self.size)
+        count = torch.zeros(1, self.size, self.size)
+        self.net_.eval()
+        for a in starts:
+            for b in starts:
+                win = x[:, :, a:a + p, b:b + p]
+                res = torch.cat(self._batched(win, lambda w: self.residual(w, self.net_(w).float()).cpu()))
+                total[:, a:a + p, b:b + p] += res
+                count[:, a:a + p, b:b + p] += 1
+        return total / count
 
     def _predict(self, images: ImageSet) -> Prediction:
-        x = self._working(images)
-        maps = self._error_map(x, self.reconstruct(x))
+        maps = gaussian_blur(self.residual_map(self._working(images)), self.sigma * self.size / 128)
         return Prediction(scores=self._score(maps), maps=maps)
