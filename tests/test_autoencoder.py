@@ -104,3 +104,53 @@ def test_deterministic_on_cpu(name: str, fitted, sample_brick) -> None:
     a = registry.create(name, **p).fit(small).predict(test.subset([0, 10]))
     b = registry.create(name, **p).fit(small).predict(test.subset([0, 10]))
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+
+
+def test_dfr_regional_features_stack_scales_and_average_windows() -> None:
+    from engine.methods.autoencoder.dfr import regional_features
+
+    # A stride-1 map: the regional feature is the plain mean of each non-overlapping 4x4 window.
+    f1 = torch.arange(2 * 8 * 8, dtype=torch.float32).view(1, 2, 8, 8)
+    # A stride-4 map (2x2 cells over the 8x8 image): constant per cell stays that constant.
+    f4 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    out = regional_features([f1, f4], (8, 8), stride=4)
+    assert out.shape == (1, 3, 2, 2)
+    torch.testing.assert_close(out[:, :2], torch.nn.functional.avg_pool2d(f1, 4, 4))
+    assert out[0, 2, 0, 0] < out[0, 2, 0, 1] < out[0, 2, 1, 0] < out[0, 2, 1, 1]  # the coarse layer's order kept
+    torch.testing.assert_close(regional_features([f1], (8, 8), stride=1), f1)
+
+
+def test_dfr_pca_latent_dim_on_a_hand_example() -> None:
+    from engine.methods.autoencoder.dfr import pca_latent_dim
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 3, generator=g)
+    z = (z - z.mean(0)) / z.std(0)
+    x = z * torch.tensor([3.0, 1.0, 0.1])  # variances 9, 1, 0.01: 89.9%, 99.9%, 100%
+    assert pca_latent_dim(x, 0.85) == 1
+    assert pca_latent_dim(x, 0.9) == 2
+    assert pca_latent_dim(x, 0.9995) == 3
+    rot = torch.linalg.qr(torch.randn(3, 3, generator=g))[0]
+    assert pca_latent_dim(x @ rot, 0.9) == 2  # the rule depends on the spectrum, not on the axes
+
+
+def test_dfr_autoencoder_is_one_by_one_convolutions() -> None:
+    from engine.methods.autoencoder.dfr import FeatureCAE
+
+    net = FeatureCAE(in_channels=40, latent_dim=6).eval()
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(1, 1)] * 6
+    assert [c.out_channels for c in convs] == [26, 12, 6, 12, 26, 40]
+    x = torch.randn(1, 40, 5, 5)
+    y = x.clone()
+    y[0, :, 2, 3] += 5.0
+    diff = (net(x) - net(y)).abs().sum(1)[0]
+    assert diff[2, 3] > 0 and diff.sum() == diff[2, 3]  # each cell is rebuilt on its own
+
+
+def test_dfr_fit_records_pca_width(sample_brick) -> None:
+    train, test = sample_brick
+    det = registry.create("dfr", epochs=1, max_steps=2).fit(train.subset(list(range(6))))
+    assert det.latent_dim_ == det.run_notes_["latent_dim"] and 1 <= det.latent_dim_ < det.in_channels_ == 192
+    fixed = registry.create("dfr", latent_dim=7, epochs=1, max_steps=2).fit(train.subset(list(range(6))))
+    assert fixed.latent_dim_ == 7 and fixed.predict(test.subset([0])).maps.shape == (1, 128, 128)
