@@ -1,6 +1,8 @@
-"""Reconstruction family: SSIM, Perlin noise, synthetic anomalies, and the AE / VAE / DRAEM models."""
+"""Reconstruction family: SSIM, Perlin noise, synthetic anomalies, and the AE / VAE / DRAEM / DFR / MemAE models."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from engine import registry
 from engine.components.nets import ConvDecoder, ConvEncoder, UNet, ssim_map
 from engine.components.synthetic_anomalies import make_anomalies, perlin_mask, perlin_noise
 
-MODELS = ["autoencoder", "vae", "draem"]
+MODELS = ["autoencoder", "vae", "draem", "memae"]
 
 
 def test_ssim_matches_skimage() -> None:
@@ -154,3 +156,35 @@ def test_dfr_fit_records_pca_width(sample_brick) -> None:
     assert det.latent_dim_ == det.run_notes_["latent_dim"] and 1 <= det.latent_dim_ < det.in_channels_ == 192
     fixed = registry.create("dfr", latent_dim=7, epochs=1, max_steps=2).fit(train.subset(list(range(6))))
     assert fixed.latent_dim_ == 7 and fixed.predict(test.subset([0])).maps.shape == (1, 128, 128)
+
+
+def test_memae_hard_shrinkage() -> None:
+    from engine.methods.autoencoder.memae import hard_shrink
+
+    w = torch.tensor([0.0, 0.001, 0.0025, 0.003, 0.2, 0.7])
+    out = hard_shrink(w, 0.0025)
+    assert torch.equal(out[:3], torch.zeros(3))  # at or below λ: dropped
+    torch.testing.assert_close(out[3:], w[3:], rtol=1e-6, atol=1e-9)  # above λ: kept as they are
+    g = torch.tensor([0.001, 0.4], requires_grad=True)
+    hard_shrink(g, 0.0025).sum().backward()
+    assert g.grad[0] == 0 and g.grad[1] > 0  # gradients flow only through the kept items
+
+
+def test_memae_addressing_is_sparse_and_entropy_loss() -> None:
+    from engine.methods.autoencoder.memae import MemoryModule, addressing_entropy
+
+    m = 8
+    assert torch.allclose(addressing_entropy(torch.full((m,), 1 / m)), torch.tensor(math.log(m)))
+    assert addressing_entropy(torch.eye(m)[2]).abs() < 1e-6  # one item: no entropy
+    mem = MemoryModule(size=m, dim=4, shrink_thres=1.5 / m)
+    with torch.no_grad():
+        mem.items.copy_(torch.cat([torch.eye(4), -torch.eye(4)]) * 3)
+    z = torch.tensor([4.0, 0.0, 0.0, 0.0]).view(1, 4, 1, 1)
+    out, w = mem(z)
+    assert w.shape == (1, m) and torch.allclose(w.sum(1), torch.ones(1))
+    assert (w > 0).sum() < m  # the weak matches were shrunk away
+    assert w.argmax() == 0 and out.shape == z.shape and out[0, 0, 0, 0] > 2.5  # rebuilt from item 0
+    plain = MemoryModule(size=m, dim=4, shrink_thres=0.0)
+    plain.load_state_dict(mem.state_dict())
+    assert (plain(z)[1] > 0).all()  # without shrinkage every item is used
+    assert addressing_entropy(w).item() < addressing_entropy(plain(z)[1]).item()
