@@ -44,6 +44,7 @@ _METHOD_MODULES = [
     "engine.methods.autoencoder.draem",
     "engine.methods.autoencoder.dfr",
     "engine.methods.autoencoder.memae",
+    "engine.methods.autoencoder.skip_ae",
     "engine.methods.gan.ganomaly",
     "engine.methods.transformer.patch_transformer",
     "engine.methods.weakly_supervised.devnet",

@@ -1,4 +1,5 @@
-"""Reconstruction family: SSIM, Perlin noise, synthetic anomalies, and the AE / VAE / DRAEM / DFR / MemAE models."""
+"""Reconstruction family: SSIM, Perlin and Stain noise, synthetic anomalies, and the AE / VAE / DRAEM / DFR / MemAE /
+skip-connection AE models."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from engine import registry
 from engine.components.nets import ConvDecoder, ConvEncoder, UNet, ssim_map
 from engine.components.synthetic_anomalies import make_anomalies, perlin_mask, perlin_noise
 
-MODELS = ["autoencoder", "vae", "draem", "memae"]
+MODELS = ["autoencoder", "vae", "draem", "memae", "skip_ae"]
 
 
 def test_ssim_matches_skimage() -> None:
@@ -188,3 +189,56 @@ def test_memae_addressing_is_sparse_and_entropy_loss() -> None:
     plain.load_state_dict(mem.state_dict())
     assert (plain(z)[1] > 0).all()  # without shrinkage every item is used
     assert addressing_entropy(w).item() < addressing_entropy(plain(z)[1]).item()
+
+
+def test_stain_noise_corrupts_one_grey_blob() -> None:
+    from engine.components.synthetic_anomalies import stain_noise
+
+    imgs = torch.rand(6, 3, 96, 128, generator=torch.Generator().manual_seed(1)) * 0.2 + 0.4
+    out, masks = stain_noise(imgs, torch.Generator().manual_seed(0))
+    again, masks2 = stain_noise(imgs, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and torch.equal(masks, masks2)
+    assert out.shape == imgs.shape and masks.shape == (6, 96, 128) and out.min() >= 0 and out.max() <= 1
+    outside = masks == 0
+    assert torch.equal(out.permute(1, 0, 2, 3)[:, outside], imgs.permute(1, 0, 2, 3)[:, outside])
+    side = 96
+    for i in range(6):
+        core = masks[i] > 0.99
+        area = int((masks[i] > 0.5).sum())
+        assert 0 < area <= math.pi * (0.12 * side * 1.2) ** 2  # semi-axes ≤ 12% of the side (+ jitter)
+        if core.sum() > 4:  # the stain's core is one grey level (all channels) plus a little noise
+            vals = out[i][:, core]
+            assert (vals.mean(1).max() - vals.mean(1).min()) < 0.02 and vals.std() < 0.05
+        ys, xs = torch.nonzero(masks[i] > 0.5, as_tuple=True)
+        assert ys.min() >= 0 and ys.max() < 96 and xs.max() < 128
+
+
+def test_skip_ae_adds_encoder_maps_at_every_scale() -> None:
+    from engine.methods.autoencoder.skip_ae import SkipAE
+
+    net = SkipAE(base=4, depth=3, kernel=5).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert net(x).shape == x.shape
+    seen: list[tuple[int, ...]] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: seen.append(tuple(o.shape))) for m in net.up]
+    net(x)
+    for h in hooks:
+        h.remove()
+    # decoder convs land on the encoder's scales 1/4 and 1/2 with its widths, so the maps can be added
+    assert seen == [(2, 8, 8, 8), (2, 4, 16, 16)]
+    with pytest.raises(ValueError):
+        net(torch.rand(1, 3, 30, 30))
+
+
+def test_skip_ae_learns_to_remove_stains(fitted, sample_brick) -> None:
+    from engine.components.synthetic_anomalies import stain_noise
+
+    det = fitted["skip_ae"][0]
+    clean = det._working(sample_brick[0])[:6]
+    noisy, masks = stain_noise(clean, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        rec = det.net_(noisy)
+    inside = masks > 0.9
+    err_noisy = (noisy - clean).abs().mean(1)[inside].mean()
+    err_rec = (rec - clean).abs().mean(1)[inside].mean()
+    assert err_rec < 0.7 * err_noisy, (float(err_rec), float(err_noisy))
