@@ -1,7 +1,8 @@
 """Convolutional autoencoder with an SSIM loss (Bergmann et al., "Improving Unsupervised Defect Segmentation
 by Applying Structural Similarity to Autoencoders", VISAPP 2019).
 
-Also holds `ReconstructionDetector`, the part shared by the reconstruction family (AE, VAE, DRAEM):
+Also holds `ReconstructionDetector`, the part shared by the reconstruction family (AE, VAE, DRAEM, MemAE, skip AE;
+DFR uses its training, batching and save/load only):
 resizing to a working resolution, seeded flip augmentation, and reconstruction-error maps.
 """
 
