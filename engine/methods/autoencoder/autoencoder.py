@@ -94,6 +94,13 @@ class ReconstructionDetector(BaseDetector):
         load_module_state("net", self.net_, tensors)
         self.net_.eval()
 
+    def _residual_prediction(self, images: ImageSet, forward: Callable[[torch.Tensor], torch.Tensor]) -> Prediction:
+        """Images -> working resolution -> `forward` in batches (reconstructions (B, 3, size, size)) -> error
+        maps (N, size, size) and top-k scores (N,)."""
+        x = self._working(images)
+        maps = self._error_map(x, torch.cat(self._batched(x, forward)).float().cpu())
+        return Prediction(scores=self._score(maps), maps=maps)
+
     def _batched(self, x: torch.Tensor, fn: Any) -> list[Any]:
         bs = batch_size(self.device_, cpu=16, cuda=64)
         return [fn(x[i:i + bs].to(self.device_)) for i in range(0, len(x), bs)]
@@ -173,6 +180,4 @@ class Autoencoder(ReconstructionDetector):
         return torch.cat(self._batched(x, self.net_)).float().cpu()
 
     def _predict(self, images: ImageSet) -> Prediction:
-        x = self._working(images)
-        maps = self._error_map(x, self.reconstruct(x))
-        return Prediction(scores=self._score(maps), maps=maps)
+        return self._residual_prediction(images, self.net_)

@@ -140,9 +140,7 @@ class MemAE(ReconstructionDetector):
                                      f"after shrinkage")
 
     def _forward(self, b: torch.Tensor) -> torch.Tensor:
-        return self.net_(b)[0].float().cpu()
+        return self.net_(b)[0]
 
     def _predict(self, images: ImageSet) -> Prediction:
-        x = self._working(images)
-        maps = self._error_map(x, torch.cat(self._batched(x, self._forward)))
-        return Prediction(scores=self._score(maps), maps=maps)
+        return self._residual_prediction(images, self._forward)

@@ -116,10 +116,5 @@ class SkipConnectionAE(ReconstructionDetector):
 
         self._train(loss, len(x), progress, val_loss=val_loss)
 
-    def _forward(self, b: torch.Tensor) -> torch.Tensor:
-        return self.net_(b).float().cpu()
-
     def _predict(self, images: ImageSet) -> Prediction:
-        x = self._working(images)
-        maps = self._error_map(x, torch.cat(self._batched(x, self._forward)))
-        return Prediction(scores=self._score(maps), maps=maps)
+        return self._residual_prediction(images, self.net_)
