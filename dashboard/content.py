@@ -79,13 +79,20 @@ FAMILY_TEXT: dict[str, FamilyText] = {
              "Since it has only practised on normal content, it should fail to rebuild a defect and instead paint "
              "something normal in its place. The difference between the input and the rebuild is the anomaly map. "
              "A variational autoencoder adds a probabilistic bottleneck; some variants train on synthetic defects "
-             "and learn to repair them."),
+             "and learn to repair them. Others fight the habit of rebuilding defects too well: a *memory module* "
+             "(MemAE) only lets the decoder use a sparse mix of stored normal patterns; *skip connections* keep "
+             "the rebuild sharp while training on images soiled with synthetic stains teaches the network to "
+             "paint them over rather than copy them; and *feature-level reconstruction* (DFR) rebuilds a "
+             "pretrained network's feature maps at several scales instead of the pixels."),
         strengths=["Maps at the pixel level, directly comparable with the image.",
-                   "Needs no pretrained network.",
+                   "Needs no pretrained network (except DFR, which gains the pretrained features' eye for small "
+                   "defects).",
                    "Intuitive: you can look at the reconstruction."],
         failures=["Generalises too well: defects get rebuilt faithfully and vanish from the map.",
                   "Blurry rebuilds flag sharp edges and fine texture as anomalies.",
-                  "Trained from scratch, so image-level accuracy usually trails feature-based methods."],
+                  "Trained from scratch, so image-level accuracy usually trails feature-based methods.",
+                  "A memory too small or too sparse rebuilds even normal variety poorly (false alarms); synthetic "
+                  "stains that look unlike real defects teach the wrong repairs."],
         localisation="Yes: reconstruction error per pixel.",
     ),
     "gan": FamilyText(

@@ -321,6 +321,31 @@ METHODS = [{'name': 'efficient_ad',
   'reduced_presets': ('test', 'fast'),
   'module': 'engine.methods.autoencoder.autoencoder',
   'class_name': 'Autoencoder'},
+ {'name': 'dfr',
+  'family': 'autoencoder',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Shi, Yang & Qi, Neurocomputing 2021 (DFR)',
+  'summary': 'Rebuilds multi-scale pretrained feature maps with a 1×1 convolutional autoencoder; anomalies are the '
+             'cells whose features it cannot rebuild.',
+  'faithful': True,
+  'notes': 'EfficientNet-Lite0 (bundled ImageNet weights) stands in for VGG19 (offline): stages blocks.0/1/2/4 '
+           '(strides 2–16, 192 channels) instead of relu1_1–relu4_4 (12 layers, strides 1–8). As the paper: each map '
+           'is resized to the image size, averaged over non-overlapping 4×4 windows and stacked (regional features '
+           'at stride 4); the latent width is the number of principal components keeping 90% of the variance of the '
+           "first 10 training images' features; the autoencoder is the paper's 1×1-conv CAE with BatchNorm, trained "
+           'with MSE; map = mean over channels of the squared error, upsampled. Differences: AdamW at lr 1e-3 with a '
+           'step cap from the shared train loop instead of Adam 1e-4 for 150–700 epochs (reduced on CPU), early '
+           'stopping on a held-out slice; Gaussian smoothing σ = `sigma` px (default 4, as PatchCore here; the paper '
+           'has none); image score = max of the map.',
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 30, 'max_steps': 120},
+              'fast': {'epochs': 100, 'max_steps': 300},
+              'quality': {'epochs': 700, 'max_steps': 2000}},
+  'reduced_presets': (),
+  'module': 'engine.methods.autoencoder.dfr',
+  'class_name': 'DFR'},
  {'name': 'draem',
   'family': 'autoencoder',
   'localises': True,
@@ -345,6 +370,54 @@ METHODS = [{'name': 'efficient_ad',
   'reduced_presets': (),
   'module': 'engine.methods.autoencoder.draem',
   'class_name': 'Draem'},
+ {'name': 'memae',
+  'family': 'autoencoder',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Gong et al., ICCV 2019 (MemAE)',
+  'summary': 'Autoencoder whose latent is rebuilt from a learned memory of normal prototypes (sparse addressing); '
+             'defects are rebuilt as normal content and show in the reconstruction error.',
+  'faithful': True,
+  'notes': "As the paper: every latent position is a query into M memory items (M = 500, the paper's CIFAR setting), "
+           "softmax addressing, hard shrinkage with λ = 0.0025 (1.25/M, within the paper's 1/M–3/M) and L1 "
+           'renormalisation, loss = MSE + α·mean addressing entropy with α = 0.0002. Addressing uses the dot product '
+           "as the authors' released code (the paper writes cosine similarity). Encoder/decoder are this lab's small "
+           'strided-conv nets (widths 16–64, latent 64 channels at size/16) trained from scratch at `size` px '
+           "(default 128; maps upsampled) with seeded flips, AdamW with a step cap instead of the paper's schedule "
+           '(reduced on CPU). Map = |x − x̂| averaged over channels, Gaussian σ = 2 px; score = mean of the top 1% '
+           'of the map (the paper scores the whole-image error; `top_k=1` gives that).',
+  'trained': True,
+  'uses_backbone': False,
+  'presets': {'test': {'epochs': 30},
+              'fast': {'max_steps': 300, 'epochs': 60},
+              'quality': {'max_steps': 1200, 'epochs': 300}},
+  'reduced_presets': (),
+  'module': 'engine.methods.autoencoder.memae',
+  'class_name': 'MemAE'},
+ {'name': 'skip_ae',
+  'family': 'autoencoder',
+  'localises': True,
+  'supervision': 'none',
+  'paper': 'Collin & De Vleeschouwer, ICPR 2020 (autoencoder with skip connections + Stain noise)',
+  'summary': 'Autoencoder with skip connections (sharp rebuilds) trained to remove synthetic stains from normal '
+             'images, so it repaints defects instead of copying them.',
+  'faithful': True,
+  'notes': 'As the paper: symmetric additive skip connections at every scale (AESc), 5×5 convolutions, width 16·2^i, '
+           'BatchNorm + LeakyReLU; every training image gets one Stain (ellipse, semi-axes 1–12% of the image side, '
+           'border of 20 points perturbed by ±10% and closed by a cubic, edges blurred with σ = 0.15·semi-axis, one '
+           'grey level in 10–220 plus noise) and the loss is the MSE to the clean image. Differences: the border '
+           'points move along the radius (a star-shaped blob) instead of in x and y; depth 5 at `size` = 128 px (the '
+           'paper: depth 6 at 256, both a 4×4 bottleneck); AdamW at 2e-3 with a step cap instead of Adam at 0.01 for '
+           "250 epochs (reduced on CPU); seeded flips. Map = |x − x̂| averaged over channels (the paper's residual), "
+           'Gaussian σ = 2 px; score = mean of the top 1% of the map.',
+  'trained': True,
+  'uses_backbone': False,
+  'presets': {'test': {'epochs': 30},
+              'fast': {'max_steps': 300, 'epochs': 60},
+              'quality': {'max_steps': 1200, 'epochs': 250}},
+  'reduced_presets': (),
+  'module': 'engine.methods.autoencoder.skip_ae',
+  'class_name': 'SkipConnectionAE'},
  {'name': 'vae',
   'family': 'autoencoder',
   'localises': True,

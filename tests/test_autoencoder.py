@@ -1,6 +1,9 @@
-"""Reconstruction family: SSIM, Perlin noise, synthetic anomalies, and the AE / VAE / DRAEM models."""
+"""Reconstruction family: SSIM, Perlin and Stain noise, synthetic anomalies, and the AE / VAE / DRAEM / DFR / MemAE /
+skip-connection AE models."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +14,7 @@ from engine import registry
 from engine.components.nets import ConvDecoder, ConvEncoder, UNet, ssim_map
 from engine.components.synthetic_anomalies import make_anomalies, perlin_mask, perlin_noise
 
-MODELS = ["autoencoder", "vae", "draem"]
+MODELS = ["autoencoder", "vae", "draem", "memae", "skip_ae"]
 
 
 def test_ssim_matches_skimage() -> None:
@@ -155,3 +158,138 @@ def test_vae_score_is_the_negative_elbo() -> None:
     det.device_ = "cpu"
     net = det._build()
     assert net.encoder(torch.zeros(1, 3, 128, 128)).shape == (1, 200, 1, 1)  # μ and log σ² of a d = 100 latent
+
+
+def test_dfr_regional_features_stack_scales_and_average_windows() -> None:
+    from engine.methods.autoencoder.dfr import regional_features
+
+    # A stride-1 map: the regional feature is the plain mean of each non-overlapping 4x4 window.
+    f1 = torch.arange(2 * 8 * 8, dtype=torch.float32).view(1, 2, 8, 8)
+    # A stride-4 map (2x2 cells over the 8x8 image): constant per cell stays that constant.
+    f4 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    out = regional_features([f1, f4], (8, 8), stride=4)
+    assert out.shape == (1, 3, 2, 2)
+    torch.testing.assert_close(out[:, :2], torch.nn.functional.avg_pool2d(f1, 4, 4))
+    assert out[0, 2, 0, 0] < out[0, 2, 0, 1] < out[0, 2, 1, 0] < out[0, 2, 1, 1]  # the coarse layer's order kept
+    torch.testing.assert_close(regional_features([f1], (8, 8), stride=1), f1)
+
+
+def test_dfr_pca_latent_dim_on_a_hand_example() -> None:
+    from engine.methods.autoencoder.dfr import pca_latent_dim
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 3, generator=g)
+    z = (z - z.mean(0)) / z.std(0)
+    x = z * torch.tensor([3.0, 1.0, 0.1])  # variances 9, 1, 0.01: 89.9%, 99.9%, 100%
+    assert pca_latent_dim(x, 0.85) == 1
+    assert pca_latent_dim(x, 0.9) == 2
+    assert pca_latent_dim(x, 0.9995) == 3
+    rot = torch.linalg.qr(torch.randn(3, 3, generator=g))[0]
+    assert pca_latent_dim(x @ rot, 0.9) == 2  # the rule depends on the spectrum, not on the axes
+
+
+def test_dfr_autoencoder_is_one_by_one_convolutions() -> None:
+    from engine.methods.autoencoder.dfr import FeatureCAE
+
+    net = FeatureCAE(in_channels=40, latent_dim=6).eval()
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(1, 1)] * 6
+    assert [c.out_channels for c in convs] == [26, 12, 6, 12, 26, 40]
+    x = torch.randn(1, 40, 5, 5)
+    y = x.clone()
+    y[0, :, 2, 3] += 5.0
+    diff = (net(x) - net(y)).abs().sum(1)[0]
+    assert diff[2, 3] > 0 and diff.sum() == diff[2, 3]  # each cell is rebuilt on its own
+
+
+def test_dfr_fit_records_pca_width(sample_brick) -> None:
+    train, test = sample_brick
+    det = registry.create("dfr", epochs=1, max_steps=2).fit(train.subset(list(range(6))))
+    assert det.latent_dim_ == det.run_notes_["latent_dim"] and 1 <= det.latent_dim_ < det.in_channels_ == 192
+    fixed = registry.create("dfr", latent_dim=7, epochs=1, max_steps=2).fit(train.subset(list(range(6))))
+    assert fixed.latent_dim_ == 7 and fixed.predict(test.subset([0])).maps.shape == (1, 128, 128)
+
+
+def test_memae_hard_shrinkage() -> None:
+    from engine.methods.autoencoder.memae import hard_shrink
+
+    w = torch.tensor([0.0, 0.001, 0.0025, 0.003, 0.2, 0.7])
+    out = hard_shrink(w, 0.0025)
+    assert torch.equal(out[:3], torch.zeros(3))  # at or below λ: dropped
+    torch.testing.assert_close(out[3:], w[3:], rtol=1e-6, atol=1e-9)  # above λ: kept as they are
+    g = torch.tensor([0.001, 0.4], requires_grad=True)
+    hard_shrink(g, 0.0025).sum().backward()
+    assert g.grad[0] == 0 and g.grad[1] > 0  # gradients flow only through the kept items
+
+
+def test_memae_addressing_is_sparse_and_entropy_loss() -> None:
+    from engine.methods.autoencoder.memae import MemoryModule, addressing_entropy
+
+    m = 8
+    assert torch.allclose(addressing_entropy(torch.full((m,), 1 / m)), torch.tensor(math.log(m)))
+    assert addressing_entropy(torch.eye(m)[2]).abs() < 1e-6  # one item: no entropy
+    mem = MemoryModule(size=m, dim=4, shrink_thres=1.5 / m)
+    with torch.no_grad():
+        mem.items.copy_(torch.cat([torch.eye(4), -torch.eye(4)]) * 3)
+    z = torch.tensor([4.0, 0.0, 0.0, 0.0]).view(1, 4, 1, 1)
+    out, w = mem(z)
+    assert w.shape == (1, m) and torch.allclose(w.sum(1), torch.ones(1))
+    assert (w > 0).sum() < m  # the weak matches were shrunk away
+    assert w.argmax() == 0 and out.shape == z.shape and out[0, 0, 0, 0] > 2.5  # rebuilt from item 0
+    plain = MemoryModule(size=m, dim=4, shrink_thres=0.0)
+    plain.load_state_dict(mem.state_dict())
+    assert (plain(z)[1] > 0).all()  # without shrinkage every item is used
+    assert addressing_entropy(w).item() < addressing_entropy(plain(z)[1]).item()
+
+
+def test_stain_noise_corrupts_one_grey_blob() -> None:
+    from engine.components.synthetic_anomalies import stain_noise
+
+    imgs = torch.rand(6, 3, 96, 128, generator=torch.Generator().manual_seed(1)) * 0.2 + 0.4
+    out, masks = stain_noise(imgs, torch.Generator().manual_seed(0))
+    again, masks2 = stain_noise(imgs, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and torch.equal(masks, masks2)
+    assert out.shape == imgs.shape and masks.shape == (6, 96, 128) and out.min() >= 0 and out.max() <= 1
+    outside = masks == 0
+    assert torch.equal(out.permute(1, 0, 2, 3)[:, outside], imgs.permute(1, 0, 2, 3)[:, outside])
+    side = 96
+    for i in range(6):
+        core = masks[i] > 0.99
+        area = int((masks[i] > 0.5).sum())
+        assert 0 < area <= math.pi * (0.12 * side * 1.2) ** 2  # semi-axes ≤ 12% of the side (+ jitter)
+        if core.sum() > 4:  # the stain's core is one grey level (all channels) plus a little noise
+            vals = out[i][:, core]
+            assert (vals.mean(1).max() - vals.mean(1).min()) < 0.02 and vals.std() < 0.05
+        ys, xs = torch.nonzero(masks[i] > 0.5, as_tuple=True)
+        assert ys.min() >= 0 and ys.max() < 96 and xs.max() < 128
+
+
+def test_skip_ae_adds_encoder_maps_at_every_scale() -> None:
+    from engine.methods.autoencoder.skip_ae import SkipAE
+
+    net = SkipAE(base=4, depth=3, kernel=5).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert net(x).shape == x.shape
+    seen: list[tuple[int, ...]] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: seen.append(tuple(o.shape))) for m in net.up]
+    net(x)
+    for h in hooks:
+        h.remove()
+    # decoder convs land on the encoder's scales 1/4 and 1/2 with its widths, so the maps can be added
+    assert seen == [(2, 8, 8, 8), (2, 4, 16, 16)]
+    with pytest.raises(ValueError):
+        net(torch.rand(1, 3, 30, 30))
+
+
+def test_skip_ae_learns_to_remove_stains(fitted, sample_brick) -> None:
+    from engine.components.synthetic_anomalies import stain_noise
+
+    det = fitted["skip_ae"][0]
+    clean = det._working(sample_brick[0])[:6]
+    noisy, masks = stain_noise(clean, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        rec = det.net_(noisy)
+    inside = masks > 0.9
+    err_noisy = (noisy - clean).abs().mean(1)[inside].mean()
+    err_rec = (rec - clean).abs().mean(1)[inside].mean()
+    assert err_rec < 0.7 * err_noisy, (float(err_rec), float(err_noisy))

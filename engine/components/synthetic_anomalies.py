@@ -1,4 +1,5 @@
-"""Synthetic anomalies for training (DRAEM, Zavrtanik et al., ICCV 2021; also used by FCDD-style outlier exposure).
+"""Synthetic anomalies for training (DRAEM, Zavrtanik et al., ICCV 2021; also used by FCDD-style outlier exposure;
+the Stain noise of Collin & De Vleeschouwer, ICPR 2020, for the skip-connection autoencoder).
 
 Pipeline (as in DRAEM, Sec. 3.3): a 2-D Perlin noise field with a random scale per axis (2^k cells,
 k in [min_scale, max_scale)) is rotated at random and thresholded at 0.5 into a mask M; a texture A
@@ -209,3 +210,72 @@ def make_anomalies(images: torch.Tensor, generator: torch.Generator, source: tor
         blended = (1 - beta) * tex + beta * images[i]
         out[i] = torch.where(m, blended, images[i])
     return out.clamp(0, 1), masks.to(dev)
+
+
+def _periodic_catmull_rom(knots: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Closed cubic (Catmull–Rom) curve through `knots` (K,) at uniform positions 0..K-1, evaluated at t in
+    [0, K) (any shape); wraps around so the curve is periodic."""
+    k = knots.shape[0]
+    i = t.floor().long()
+    u = t - i
+    p0, p1, p2, p3 = (knots[(i + d) % k] for d in (-1, 0, 1, 2))
+    return 0.5 * (2 * p1 + (p2 - p0) * u + (2 * p0 - 5 * p1 + 4 * p2 - p3) * u * u
+                  + (3 * p1 - p0 - 3 * p2 + p3) * u * u * u)
+
+
+def stain_mask(size: tuple[int, int], generator: torch.Generator, *, size_range: tuple[float, float] = (0.01, 0.12),
+               irregularity: float = 0.1, blur: float = 0.15, points: int = 20) -> torch.Tensor:
+    """One Stain shape (Collin & De Vleeschouwer, ICPR 2020): (H, W) float32 in [0, 1].
+
+    An ellipse with semi-axes drawn in `size_range` × the smaller image side and a random rotation, placed
+    wholly inside the image; its border is sampled at `points` angles, each radius moved by up to
+    ±irregularity × the mean semi-axis, and closed by a periodic cubic through those points; the filled shape
+    is blurred with σ = blur × the larger semi-axis (soft edges). The authors perturb the border points in x
+    and y and fill the polygon; moving them along the radius keeps the shape star-shaped and vectorised.
+    """
+    h, w = size
+    side = min(h, w)
+    lo, hi = max(1, int(size_range[0] * side)), max(1, int(size_range[1] * side))
+    a, b = (int(torch.randint(lo, hi + 1, (), generator=generator)) for _ in range(2))
+    rot = _u(generator, 0.0, 2 * math.pi)
+    r_max = max(a, b)
+    cy = int(torch.randint(min(r_max, h // 2), max(min(r_max, h // 2), h - r_max) + 1, (), generator=generator))
+    cx = int(torch.randint(min(r_max, w // 2), max(min(r_max, w // 2), w - r_max) + 1, (), generator=generator))
+    phi = torch.arange(points, dtype=torch.float32) * (2 * math.pi / points)
+    radius = a * b / torch.sqrt((b * torch.cos(phi - rot)) ** 2 + (a * torch.sin(phi - rot)) ** 2)
+    jitter = irregularity * (a + b) / 2
+    radius = (radius + (torch.rand(points, generator=generator) * 2 - 1) * jitter).clamp_min(0.5)
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32) - cy, torch.arange(w, dtype=torch.float32) - cx,
+                            indexing="ij")
+    angle = torch.atan2(yy, xx) % (2 * math.pi)
+    border = _periodic_catmull_rom(radius, (angle * (points / (2 * math.pi))).clamp(max=points - 1e-4))
+    mask = (torch.sqrt(yy * yy + xx * xx) <= border).float()
+    if blur > 0:
+        from engine.components.anomaly_map import gaussian_blur
+
+        mask = gaussian_blur(mask[None], blur * r_max)[0]
+    return mask.clamp(0, 1)
+
+
+def stain_noise(images: torch.Tensor, generator: torch.Generator, *, size_range: tuple[float, float] = (0.01, 0.12),
+                grey_range: tuple[float, float] = (10 / 255, 220 / 255), noise_std: float = math.sqrt(0.05 / 255),
+                irregularity: float = 0.1, blur: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt every image with one Stain (Collin & De Vleeschouwer, ICPR 2020): a blob of one random grey level
+    (uniform in `grey_range`, plus Gaussian noise of std `noise_std` per pixel and channel, as the authors'
+    variance 0.05/255) blended in through the soft `stain_mask`:  I_s = (1 − m)·I + m·stain.
+
+    images: (B, C, H, W) float in [0, 1]. Returns (corrupted (B, C, H, W) in [0, 1], masks (B, H, W) in [0, 1]);
+    pixels where m = 0 are exactly the input's. Deterministic given the generator's state.
+    """
+    b, c, h, w = images.shape
+    images = images.float()
+    out = images.clone()
+    masks = torch.zeros(b, h, w, device=images.device)
+    for i in range(b):
+        m = stain_mask((h, w), generator, size_range=size_range, irregularity=irregularity, blur=blur)
+        grey = _u(generator, *grey_range)
+        stain = (grey + noise_std * torch.randn(c, h, w, generator=generator)).clamp(0, 1)
+        m, stain = m.to(images.device), stain.to(images.device)
+        out[i] = torch.where(m > 0, (1 - m) * images[i] + m * stain, images[i])
+        masks[i] = m
+    return out.clamp(0, 1), masks

@@ -1,1 +1,1 @@
-"""Reconstruction family: autoencoder, variational autoencoder, DRAEM."""
+"""Reconstruction family: autoencoder, variational autoencoder, DRAEM, MemAE, skip-connection AE, DFR."""

@@ -1,7 +1,8 @@
 """Convolutional autoencoder with an SSIM loss (Bergmann et al., "Improving Unsupervised Defect Segmentation
 by Applying Structural Similarity to Autoencoders", VISAPP 2019).
 
-Also holds `ReconstructionDetector`, the part shared by the reconstruction family (AE, VAE, DRAEM):
+Also holds `ReconstructionDetector`, the part shared by the reconstruction family (AE, VAE, DRAEM, MemAE, skip AE;
+DFR uses its training, batching and save/load only):
 resizing to a working resolution, seeded flip augmentation, and reconstruction-error maps.
 """
 
@@ -92,6 +93,13 @@ class ReconstructionDetector(BaseDetector):
         self.net_ = self._build()
         load_module_state("net", self.net_, tensors)
         self.net_.eval()
+
+    def _residual_prediction(self, images: ImageSet, forward: Callable[[torch.Tensor], torch.Tensor]) -> Prediction:
+        """Images -> working resolution -> `forward` in batches (reconstructions (B, 3, size, size)) -> error
+        maps (N, size, size) and top-k scores (N,)."""
+        x = self._working(images)
+        maps = self._error_map(x, torch.cat(self._batched(x, forward)).float().cpu())
+        return Prediction(scores=self._score(maps), maps=maps)
 
     def _batched(self, x: torch.Tensor, fn: Any) -> list[Any]:
         bs = batch_size(self.device_, cpu=16, cuda=64)
