@@ -51,7 +51,8 @@ def test_cross_scale_log_det_is_the_joint_jacobian() -> None:
     v = torch.cat([x.flatten() for x in xs])
     jac = torch.autograd.functional.jacobian(joint, v)
     sign, logabs = torch.linalg.slogdet(jac)
-    _, lds = flow(xs)
+    with torch.no_grad():
+        _, lds = flow(xs)
     assert float(sign) != 0
     assert float(sum(d.sum() for d in lds)) == pytest.approx(float(logabs), rel=1e-8, abs=1e-8)
     # The coarse scale's output depends on the fine scale's input (cross-scale coupling).
@@ -64,3 +65,38 @@ def test_cs_flow_nll_per_dimension() -> None:
     lds = [torch.full((1, 2, 2), 0.5), torch.zeros(1, 1, 1)]
     # ½·8 − 4·0.5 over 10 dims
     assert float(cs_flow_nll(zs, lds)[0]) == pytest.approx((4.0 - 2.0) / 10)
+
+
+def test_students_error_and_predictive_variance_hand_example() -> None:
+    from engine.methods.teacher_student.uninformed_students import ensemble_error_variance, standardise
+
+    # M = 2 students, one image, C = 2 channels, 1×2 positions; teacher target 0 everywhere.
+    preds = torch.zeros(2, 1, 2, 1, 2)
+    preds[0, 0, :, 0, 0] = torch.tensor([1.0, 0.0])
+    preds[1, 0, :, 0, 0] = torch.tensor([3.0, 0.0])  # position 0: students disagree
+    preds[:, 0, :, 0, 1] = torch.tensor([2.0, 2.0])  # position 1: students agree, both wrong by (2, 2)
+    e, v = ensemble_error_variance(preds, torch.zeros(1, 2, 1, 2))
+    # position 0: mean (2, 0) -> e = 4; v = (1 + 9) / 2 − 4 = 1.  position 1: e = 8, v = 8 − 8 = 0.
+    torch.testing.assert_close(e, torch.tensor([[[4.0, 8.0]]]))
+    torch.testing.assert_close(v, torch.tensor([[[1.0, 0.0]]]))
+    torch.testing.assert_close(standardise(torch.tensor([3.0]), torch.tensor([1.0, 2.0])), torch.tensor([1.0]))
+
+
+def test_students_score_combines_standardised_error_and_variance(sample_brick) -> None:
+    from engine import registry
+    from engine.methods.teacher_student.uninformed_students import standardise
+
+    train, test = sample_brick
+    det = registry.create("uninformed_students", preset="test", epochs=1).fit(train.subset(list(range(6))))
+    assert len(det.students_) == 2 and det.stats_.shape == (3, 2, 2)
+    # The students start from different weights, so they disagree somewhere.
+    preds = det._predictions(test.subset([0]))
+    assert float((preds[0][0] - preds[0][1]).abs().max()) > 0
+    # The map is the mean over stages of standardised error + variance (before smoothing).
+    det.sigma = 0.0
+    from engine.components.anomaly_map import upsample
+
+    imgs = test.subset([0, 1])
+    expected = sum(upsample(standardise(e, st[0]) + standardise(v, st[1]), imgs.size)
+                   for (e, v), st in zip(det._signals(imgs), det.stats_, strict=True)) / 3
+    torch.testing.assert_close(det.predict(imgs).maps, expected, rtol=1e-4, atol=1e-4)
