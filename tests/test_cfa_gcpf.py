@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from engine import registry
-from engine.components.clustering import gaussian_assign, gaussian_clusters, kmeans
-from engine.methods.memory_bank.cfa import cfa_loss, softmin_score, sq_dists_to_bank
+from engine.components.clustering import gaussian_assign, gaussian_clusters, kmeans, sq_dists
+from engine.methods.memory_bank.cfa import cfa_loss, softmin_score
 
 
 def test_cfa_loss_hand_example() -> None:
@@ -36,7 +36,7 @@ def test_softmin_score_and_distances() -> None:
     assert float(softmin_score(d)[0]) == pytest.approx(1.0 / (1.0 + math.exp(-1.0)), rel=1e-6)
     phi = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     bank = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
-    torch.testing.assert_close(sq_dists_to_bank(phi, bank), torch.tensor([[25.0, 1.0], [13.0, 1.0]]))
+    torch.testing.assert_close(sq_dists(phi, bank), torch.tensor([[25.0, 1.0], [13.0, 1.0]]))
 
 
 def test_cfa_bank_is_untrained_descriptor_mean_and_fixed(sample_brick) -> None:

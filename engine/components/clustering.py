@@ -11,14 +11,14 @@ import torch
 from engine.components.gaussian import _spd_inverse, ledoit_wolf_cov, mahalanobis
 
 
-def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (N, K) between rows of x (N, D) and c (K, D)."""
-    return ((x * x).sum(1, keepdim=True) + (c * c).sum(1)[None] - 2.0 * x @ c.t()).clamp_min_(0)
+def sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (N, K) between rows of x (N, D) and c (K, D); differentiable."""
+    return ((x * x).sum(1, keepdim=True) + (c * c).sum(1)[None] - 2.0 * x @ c.t()).clamp_min(0)
 
 
 def _nearest_centre(x: torch.Tensor, centres: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     """Index (N,) of the Euclidean-nearest row of centres (K, D) for each row of x (N, D), in chunks of rows."""
-    return torch.cat([_sq_dists(x[s:s + chunk], centres).argmin(1) for s in range(0, x.shape[0], chunk)])
+    return torch.cat([sq_dists(x[s:s + chunk], centres).argmin(1) for s in range(0, x.shape[0], chunk)])
 
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, tol: float = 1e-4, seed: int = 0) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.api import ConfigError, ImageSet, Prediction, Progress
 from engine.components.anomaly_map import to_pixel_map
-from engine.components.clustering import kmeans
+from engine.components.clustering import kmeans, sq_dists
 from engine.components.features import patch_features
 from engine.components.train_loop import Objective, TrainConfig, train_loop
 from engine.methods.base import BaseDetector, load_module_state, module_state
@@ -41,11 +41,6 @@ class CoordDescriptor(nn.Module):
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
         coords = torch.stack((gx, gy))[None].expand(n, -1, -1, -1)
         return self.conv(torch.cat([x, coords], 1))
-
-
-def sq_dists_to_bank(phi: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances from descriptors phi (T, D) to memory entries bank (M, D) -> (T, M)."""
-    return ((phi * phi).sum(1, keepdim=True) + (bank * bank).sum(1)[None] - 2.0 * phi @ bank.t()).clamp_min(0)
 
 
 def cfa_loss(sorted_d: torch.Tensor, k: int, j: int, r: float, alpha: float, nu: float) -> torch.Tensor:
@@ -146,7 +141,7 @@ class CFA(BaseDetector):
         def loss(idx: torch.Tensor) -> torch.Tensor:
             phi = self.descriptor_(feats[idx].to(self.device_))
             phi = phi.permute(0, 2, 3, 1).reshape(-1, phi.shape[1])
-            d = sq_dists_to_bank(phi, self.memory_bank_).topk(n_near, dim=1, largest=False).values
+            d = sq_dists(phi, self.memory_bank_).topk(n_near, dim=1, largest=False).values
             return cfa_loss(d, self.k, self.j, self.r, self.alpha, self.nu)
 
         cfg = TrainConfig(epochs=self.epochs, max_steps=self.max_steps, lr=self.lr, weight_decay=self.weight_decay,
@@ -162,7 +157,7 @@ class CFA(BaseDetector):
         scores = []
         for s in range(0, n, 8):
             q = phi[s:s + 8].permute(0, 2, 3, 1).reshape(-1, d)
-            near = sq_dists_to_bank(q, self.memory_bank_).topk(k, dim=1, largest=False).values
+            near = sq_dists(q, self.memory_bank_).topk(k, dim=1, largest=False).values
             scores.append(softmin_score(near).cpu())
         patch = torch.cat(scores).reshape(n, h, w)
         maps = to_pixel_map(patch, images.size, self.sigma)
