@@ -70,12 +70,13 @@ def softmin_score(sorted_d: torch.Tensor) -> torch.Tensor:
           "matrix small on CPU. Descriptor (CoordConv 1×1), memory bank (mean of the untrained descriptor over "
           "the training images per position, optional k-means compression gamma_c), loss constants (K=3, J=3, "
           "r=1e-5, α=0.1, ν=1e-3), softmin score and σ=4 smoothing follow the paper's code. AdamW from the "
-          "shared loop instead of AMSGrad; fast/quality presets train far fewer than the paper's 30 epochs on "
-          "large sets (reduced).",
+          "shared loop instead of AMSGrad. Presets train 5 epochs (at most 60 steps) instead of the paper's 30 "
+          "(reduced): on the bundled sample, 30 epochs drifted lower (grass image AUROC 0.979 against 1.000 at "
+          "5); 'quality' adds blocks.1 for the paper's stride-4 grid.",
     presets={
         "test": {"epochs": 3},
         "fast": {"epochs": 5, "max_steps": 60},
-        "quality": {"epochs": 30, "max_steps": 400},
+        "quality": {"epochs": 5, "max_steps": 60, "layers": ("blocks.1", "blocks.2", "blocks.4")},
     },
 )
 class CFA(BaseDetector):
