@@ -27,7 +27,10 @@ FAMILY_TEXT: dict[str, FamilyText] = {
         how=("A network pretrained on millions of everyday photos acts as a fixed *teacher*. A second network, the "
              "*student*, is trained to copy the teacher's feature maps, but only ever sees good parts. On a normal "
              "region the two agree; on a defect the student has never seen anything similar, so its copy drifts "
-             "away from the teacher. The size of that disagreement, position by position, is the anomaly map."),
+             "away from the teacher. The size of that disagreement, position by position, is the anomaly map. "
+             "*Uninformed Students* trains several students from different random starts and also reads how much "
+             "they disagree with each other: on normal content they agree, on unfamiliar content their guesses "
+             "scatter, and that spread is added to the error, at several receptive-field sizes."),
         strengths=["Pixel-level maps come for free from the feature comparison.",
                    "Fast at test time: two forward passes.",
                    "Strong on small surface defects thanks to the pretrained teacher."],
@@ -52,7 +55,9 @@ FAMILY_TEXT: dict[str, FamilyText] = {
         how=("Features from a pretrained network are pushed through a *normalizing flow*: an invertible network "
              "trained so that good features end up looking like samples from a plain Gaussian. Because the mapping "
              "is invertible, the flow gives an exact likelihood for every feature vector. Features that land in "
-             "the thin tails of the Gaussian are unlikely under normality, hence anomalous."),
+             "the thin tails of the Gaussian are unlikely under normality, hence anomalous. *CS-Flow* feeds the "
+             "image at three sizes and runs one flow over the three feature maps together, so the likelihood at "
+             "each scale is computed with the other scales in view."),
         strengths=["A principled probability for every location.",
                    "Among the most accurate families on industrial benchmarks.",
                    "Maps at several scales can be combined."],
@@ -65,7 +70,11 @@ FAMILY_TEXT: dict[str, FamilyText] = {
         how=("No network is trained at all. Patch features of every good training image are taken from a "
              "pretrained backbone and stored (a *memory bank*), possibly thinned out to a representative subset or "
              "summarised as one Gaussian per position. A test patch is compared with the bank: if even its nearest "
-             "normal neighbour is far away, that patch is anomalous. The image score is the worst patch."),
+             "normal neighbour is far away, that patch is anomalous. The image score is the worst patch. *CFA* "
+             "adds a small trained layer that pulls every normal patch tightly onto its nearest bank entries (and "
+             "away from the next ones), so defects stand out more; *GCPF* summarises all normal patches of a "
+             "layer as a handful of Gaussian clusters and scores a patch by its Mahalanobis distance to the "
+             "nearest cluster."),
         strengths=["Nothing to train: fitting is one pass of feature extraction.",
                    "Very strong accuracy with few training images.",
                    "Deterministic and easy to reason about."],
