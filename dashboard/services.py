@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import traceback
@@ -37,6 +36,7 @@ from engine import estimates, registry
 from engine import metrics as em
 from engine.api import AdlabError, DataValidationError
 from engine.backbones import weights_description
+from engine.cache import atomic_write
 from engine.data import Dataset, Limits, cache_root, discover, find_categories, load_split
 from engine.data import roots as data_roots
 from engine.device import resolve_device
@@ -179,7 +179,7 @@ def save_upload(filename: str, data: bytes) -> DataInfo:
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(filename).stem)[:80] or "upload"
     target = folder / f"{stem}.zip"
     if not target.exists():
-        _atomic_write(target, data)
+        atomic_write(target, data)
     try:
         return dataset_info(str(target))
     except UserError:
@@ -582,18 +582,6 @@ def _results_file(digest: str) -> Path:
     return cache_root() / "dashboard" / "results" / f"{digest}.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _config_of(cfg: RunConfig) -> dict[str, Any]:
     return {"image_size": cfg.image_size, "device": resolve_device(cfg.device), "backbone": cfg.backbone,
             "weights": cfg.weights, "preset": cfg.preset, "labeled_anomalies": cfg.labeled_anomalies,
@@ -625,7 +613,7 @@ def _persist(job: Job, runs: list[dict[str, Any]], header: dict[str, Any] | None
         order += [r["method"] for r in runs if r["method"] not in order]
         new["runs"] = [by_method[m] for m in order]
         new["updated"] = time.time()
-        _atomic_write(_results_file(job.digest), json.dumps(new, indent=1).encode())
+        atomic_write(_results_file(job.digest), json.dumps(new, indent=1).encode())
 
 
 def latest_results(digest: str) -> dict[str, Any] | None:

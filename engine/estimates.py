@@ -26,13 +26,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.cache import atomic_write
 from engine.data import cache_root
 
 log = logging.getLogger("adlab.estimates")
@@ -161,18 +161,7 @@ def record(rec: dict[str, Any], *, n_train: int, n_test: int, image_size: int, p
     with _locked():
         ms = load()
         ms[key] = [*ms.get(key, []), m][-KEEP:]
-        _atomic_write(_path(), json.dumps({"version": 1, "measurements": ms}, indent=1).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(_path(), json.dumps({"version": 1, "measurements": ms}, indent=1).encode())
 
 
 # ------------------------------------------------------------------------------------------------- model

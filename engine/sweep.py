@@ -12,7 +12,6 @@ OUT/sweep.json holds the unit records; OUT/<dataset>/seed-<s>/results.json holds
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 
 from engine import registry
 from engine.api import AdlabError, ConfigError
-from engine.cache import ENGINE_VERSION, make_key
+from engine.cache import ENGINE_VERSION, atomic_write, make_key
 from engine.data import discover
 from engine.executors import Executor, Unit
 from engine.runner import RunConfig, method_params
@@ -152,10 +151,7 @@ def results_path(dataset_name: str, seed: int) -> str:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1, default=str).encode())
 
 
 def load_sweep(out: str | Path) -> dict[str, Any]:
