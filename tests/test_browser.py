@@ -6,6 +6,7 @@ Chromium or playwright is absent."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -85,14 +86,7 @@ def test_train_patchcore_in_browser(server: str) -> None:
             page.goto(server)
             page.get_by_role("button", name="Next: Train →").click()
             page.get_by_role("heading", name="Train").wait_for()
-            boxes = page.locator('[data-testid="stCheckbox"]')
-            for name in ("padim", "spade"):
-                box = boxes.filter(has_text=name).first
-                if box.locator("input").is_checked():
-                    box.locator("label").click()
-            pc = boxes.filter(has_text="patchcore").first
-            if not pc.locator("input").is_checked():
-                pc.locator("label").click()
+            _select(page, {"patchcore"})
             page.get_by_role("button", name="Train 1 method(s)").click()
             page.get_by_text("image AUROC").first.wait_for(timeout=80_000)
             page.get_by_role("button", name="Next: compare the results →").click()
@@ -131,11 +125,16 @@ def _workers_of(pid: int) -> list[int]:
 
 
 def _select(page, wanted: set[str]) -> None:  # noqa: ANN001
+    """Tick exactly the `wanted` methods in the Train page's picker (whatever the default selection is)."""
+    from engine.registry import available
+
     boxes = page.locator('[data-testid="stCheckbox"]')
-    for name in ("padim", "patchcore", "spade", "autoencoder"):
-        box = boxes.filter(has_text=name).first
-        if box.locator("input").is_checked() != (name in wanted):
-            box.locator("label").click()
+    boxes.filter(has_text="patchcore").first.wait_for()  # the picker has rendered
+    for name in [m.name for m in available()]:
+        box = boxes.filter(has_text=re.compile(rf"(^|\s){re.escape(name)}(\s|$)"))
+        if box.count() and box.first.locator("input").is_checked() != (name in wanted):
+            box.first.locator("label").click()
+            page.wait_for_timeout(500)  # the page reruns after each click
 
 
 def test_killed_worker_in_browser(dashboard: tuple[str, subprocess.Popen]) -> None:
