@@ -60,12 +60,19 @@ def _torch_threads(n: int | None) -> Iterator[None]:
     if not n:
         yield
         return
-    prev = torch.get_num_threads()
+    from engine.threads import GRANT_ENV
+
+    prev, prev_grant = torch.get_num_threads(), os.environ.get(GRANT_ENV)
     torch.set_num_threads(n)
+    os.environ[GRANT_ENV] = str(n)  # the runner plans each method's threads: this grant is what it must use
     try:
         yield
     finally:
         torch.set_num_threads(prev)
+        if prev_grant is None:
+            os.environ.pop(GRANT_ENV, None)
+        else:
+            os.environ[GRANT_ENV] = prev_grant
 
 
 def run_unit(unit: Unit) -> dict[str, Any]:

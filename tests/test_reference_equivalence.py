@@ -2,7 +2,7 @@
 
 The references share nothing with the engine but the image loader: the backbone is built straight from timm
 and the bundled weights file, the 3x3 average is torch's default (zero padding counted), the kNN is a
-brute-force `cdist`, the Gaussian is float64 `inv`, and the cell-centred resampling (a feature cell of
+brute-force `cdist`, the Gaussian is a float64 Cholesky inverse, and the cell-centred resampling (a feature cell of
 stride s sits over pixel i·s) is written a second way (replicate one cell, corner-aligned interpolation).
 """
 
@@ -99,7 +99,7 @@ def plain_padim(net, train, test) -> tuple[torch.Tensor, torch.Tensor]:
     mu = x.mean(0)  # (C, h, w)
     xc = (x - mu).permute(2, 3, 0, 1)  # (h, w, N, C)
     cov = xc.transpose(-1, -2) @ xc / (x.shape[0] - 1) + 0.01 * torch.eye(x.shape[1], dtype=torch.float64)
-    prec = torch.linalg.inv(cov)
+    prec = torch.cholesky_inverse(torch.linalg.cholesky(cov))
     dt = (embed(test) - mu).permute(2, 3, 0, 1)  # (h, w, M, C)
     m = ((dt @ prec) * dt).sum(-1).sqrt().permute(2, 0, 1).float()  # (M, h, w)
     maps = cell_upsample(m[:, None], (SIZE, SIZE))[:, 0]
