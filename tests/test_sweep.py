@@ -85,6 +85,9 @@ def test_ray_gives_the_local_executors_metrics(tmp_path: Path) -> None:
                            methods=["padim", "patchcore", "autoencoder"], seeds=[0, 1], preset="test", image_size=64,
                            params={"autoencoder": {"epochs": 2}}, cache_root=cache, threads_per_unit=1)
 
+    from engine.components.features import clear_memory_cache
+
+    clear_memory_cache()  # features another test computed in this process (with other threads) must not be reused
     local = run_sweep(cfg(str(tmp_path / "cache-local")), tmp_path / "local", LocalExecutor())
     ex = RayExecutor(num_cpus=2)
     try:
