@@ -28,6 +28,7 @@ import json, sys, threading, time
 from pathlib import Path
 isolation, data, methods, size = sys.argv[1], sys.argv[2], sys.argv[3].split(","), int(sys.argv[4])
 from dashboard import services
+from engine.runner import RunConfig
 
 def rss_mb():
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -39,7 +40,7 @@ jm = services.JobManager(isolation=isolation)
 idle = rss_mb()
 peak = idle
 t0 = time.time()
-job = jm.submit("bench", data, services.RunConfig(methods=methods, image_size=size))
+job = jm.submit("bench", data, RunConfig(methods=methods, image_size=size))
 while job.active:
     peak = max(peak, rss_mb())
     time.sleep(0.1)

@@ -1,1 +1,1 @@
-"""The adlab Streamlit dashboard: app.py (navigation), services.py (the only importer of engine), views/ (figures)."""
+"""The adlab Streamlit dashboard: app.py (navigation), services/ (the only importer of engine), views/ (figures)."""

@@ -273,7 +273,7 @@ def _report(args: argparse.Namespace) -> int:
     from engine.api import AdlabError
 
     try:
-        from dashboard.report import write_report
+        from dashboard.services.report import write_report
 
         path = write_report(args.source, args.output, worst=args.worst)
     except AdlabError as e:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import benchmark as bm
 from dashboard import services
+from dashboard.services import benchmark as bm
 from dashboard.views import ranks as vr
 
 st.title("Benchmark")

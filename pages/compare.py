@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import nav, report, services
+from dashboard import nav, services
+from dashboard.services import report
 from dashboard.views import plots
 
 info = services.dataset_info(st.session_state["dataset_path"])

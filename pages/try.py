@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import nav, services, services_try
+from dashboard import nav, services
+from dashboard.services import try_images as services_try
 
 info = services.dataset_info(st.session_state["dataset_path"])
 results = services.latest_results(info.digest)

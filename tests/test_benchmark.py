@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard import benchmark as bm
 from dashboard.services import UserError
+from dashboard.services import benchmark as bm
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "dashboard" / "app.py")
@@ -108,7 +108,7 @@ def test_benchmark_page_runs_a_sample_sweep(sample_sweep: dict) -> None:
 
 
 def test_report_of_a_sweep_and_of_one_results_file(sample_sweep: dict, tmp_path: Path) -> None:
-    from dashboard.report import write_report
+    from dashboard.services.report import write_report
     from engine.api import ConfigError
 
     out = Path(sample_sweep["_dir"])
@@ -130,7 +130,7 @@ def test_report_opens_offline_in_chromium_without_errors(sample_sweep: dict, tmp
     if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
         pytest.skip(f"Chromium not installed at {CHROMIUM} (run scripts/ensure_chromium.sh)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright python package not installed")
-    from dashboard.report import write_report
+    from dashboard.services.report import write_report
 
     path = write_report(Path(sample_sweep["_dir"]), tmp_path / "report.html")
     with sync_api.sync_playwright() as p:
@@ -155,7 +155,7 @@ def test_report_opens_offline_in_chromium_without_errors(sample_sweep: dict, tmp
 
 
 def test_a_report_that_cannot_be_made_is_a_page_saying_why() -> None:
-    from dashboard.report import download_bytes, results_report
+    from dashboard.services.report import download_bytes, results_report
 
     page = download_bytes(results_report, {"dataset": {"name": "x"}, "runs": [{"method": "padim"}]}).decode()
     assert "The report could not be made" in page and "KeyError" in page and "Traceback" not in page

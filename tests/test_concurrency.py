@@ -84,7 +84,7 @@ def test_threads_sessions_on_same_and_different_datasets(datasets: dict[str, Pat
     monkeypatch.setattr(BaseDetector, "fit", fit)
     monkeypatch.setattr(feats, "run_backbone", backbone)
     jm = services.JobManager(max_running=3, isolation="thread")  # the engine is patched in-process
-    monkeypatch.setattr(services, "job_manager", lambda: jm)
+    monkeypatch.setattr(services.jobs, "job_manager", lambda: jm)
     a, b = str(datasets["A"]), str(datasets["B"])
     jobs = [jm.submit("s1", a, RunConfig(methods=["padim"], image_size=64)),
             jm.submit("s2", a, RunConfig(methods=["patchcore", "padim"], image_size=64)),

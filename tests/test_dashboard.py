@@ -138,6 +138,7 @@ def test_train_padim_then_every_page_shows_results() -> None:
 
 def test_job_manager_queue_and_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
     from dashboard import services
+    from engine.runner import Cancelled, RunConfig
 
     started = []
 
@@ -145,19 +146,19 @@ def test_job_manager_queue_and_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
         started.append(cfg.methods)
         while not cancel.is_set():
             time.sleep(0.05)
-        raise services.Cancelled("run cancelled")
+        raise Cancelled("run cancelled")
 
-    monkeypatch.setattr(services, "run_methods", slow_run)
+    monkeypatch.setattr(services.jobs, "run_methods", slow_run)
     jm = services.JobManager(max_running=1, isolation="thread")  # run_methods is patched here
     path = services.default_dataset_path()
-    a = jm.submit("s1", path, services.RunConfig(methods=["padim"]))
-    b = jm.submit("s2", path, services.RunConfig(methods=["padim"]))
+    a = jm.submit("s1", path, RunConfig(methods=["padim"]))
+    b = jm.submit("s2", path, RunConfig(methods=["padim"]))
     t0 = time.time()
     while a.state != "running" and time.time() - t0 < 10:
         time.sleep(0.05)
     assert a.state == "running" and b.state == "queued" and jm.queue_position(b) == 1
     with pytest.raises(services.UserError, match="already"):
-        jm.submit("s1", path, services.RunConfig(methods=["padim"]))
+        jm.submit("s1", path, RunConfig(methods=["padim"]))
     jm.cancel("s2")
     jm.cancel("s1")
     t0 = time.time()
@@ -166,7 +167,7 @@ def test_job_manager_queue_and_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
     assert a.state == "cancelled" and b.state == "cancelled"
     assert len(started) == 1
     with pytest.raises(services.UserError, match="Pick at least one"):
-        jm.submit("s3", path, services.RunConfig(methods=[]))
+        jm.submit("s3", path, RunConfig(methods=[]))
 
 
 def test_run_notes_reach_the_tables() -> None:

@@ -90,7 +90,7 @@ def test_bad_dropped_file_is_listed_by_its_name() -> None:
 
 
 def test_downloaded_model_scores_like_the_run(trained: dict, tmp_path: Path) -> None:
-    from dashboard import services_try
+    from dashboard.services import try_images as services_try
     from engine.predict import predict_to_folder
 
     data = services_try.model_zip(trained, "padim")
@@ -103,7 +103,7 @@ def test_downloaded_model_scores_like_the_run(trained: dict, tmp_path: Path) -> 
 
 
 def test_method_without_a_kept_model_is_named(trained: dict) -> None:
-    from dashboard import services_try
+    from dashboard.services import try_images as services_try
 
     run = {**trained["runs"][0], "cache_key": "0" * 40}
     out = services_try.try_images({**trained, "runs": [run]}, [{"path": run["images"][0]["path"], "name": "x"}], {})

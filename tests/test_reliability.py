@@ -532,7 +532,7 @@ def test_dashboard_records_failed_and_cancelled_runs_with_their_message(
     from dashboard import services
 
     jm = services.JobManager(max_running=1, isolation="thread")  # fake methods live in this process
-    monkeypatch.setattr(services, "job_manager", lambda: jm)
+    monkeypatch.setattr(services.jobs, "job_manager", lambda: jm)
 
     def wait(job: services.Job) -> None:
         t0 = time.time()
@@ -700,7 +700,7 @@ def test_job_queue_runs_at_most_max_jobs_and_shows_positions(tiny: Path, cache_d
             running.discard(cfg.seed)
         return {"dataset": {"path": str(data.root), "name": data.name, "digest": data.digest}, "runs": []}
 
-    monkeypatch.setattr(services, "run_methods", fake_run)
+    monkeypatch.setattr(services.jobs, "run_methods", fake_run)
 
     def until(cond: Any) -> None:
         t0 = time.time()
@@ -710,7 +710,7 @@ def test_job_queue_runs_at_most_max_jobs_and_shows_positions(tiny: Path, cache_d
 
     for max_running, seeds in ((1, (0, 1, 2)), (2, (3, 4, 5))):
         jm = services.JobManager(max_running=max_running, isolation="thread")  # the fake run lives in this process
-        monkeypatch.setattr(services, "job_manager", lambda jm=jm: jm)
+        monkeypatch.setattr(services.jobs, "job_manager", lambda jm=jm: jm)
         jobs = [jm.submit(f"s{s}", str(tiny), RunConfig(methods=["padim"], seed=s)) for s in seeds]
         until(lambda jobs=jobs, n=max_running: sum(j.state == "running" for j in jobs) == n)
         time.sleep(0.2)  # give a wrongly started job the chance to show up

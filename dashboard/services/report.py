@@ -207,7 +207,7 @@ def sweep_report(doc: dict[str, Any], out_dir: Path | None = None, *, worst: int
                  metric: str = "image_auroc") -> str:
     """The HTML report of a sweep: its tables and rank chart, then (when `out_dir` holds them) each dataset's
     first-seed results as in results_report."""
-    from dashboard import benchmark as bm
+    from dashboard.services import benchmark as bm
     from dashboard.views import ranks as vr
 
     fig = _Figures()

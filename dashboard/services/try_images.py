@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from dashboard.services import MAX_UPLOAD_MB, UPLOAD_LIMITS, DataProblems, UserError, _user_error, method_maps, ok_runs
+from dashboard.services.common import MAX_UPLOAD_MB, UPLOAD_LIMITS, DataProblems, UserError, _user_error
+from dashboard.services.heatmaps import method_maps
+from dashboard.services.results import ok_runs
 from engine import saved_models
 from engine.data.inputs import InputImage, collect_images
 from engine.heatmap import DEFAULT_OPACITY

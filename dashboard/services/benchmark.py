@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dashboard.services import SAMPLE_ROOT, UserError, _user_error, sample_categories
+from dashboard.services.common import SAMPLE_ROOT, UserError, _user_error
+from dashboard.services.data import sample_categories
 from engine import registry
 from engine.api import AdlabError
 from engine.data import cache_root
@@ -252,7 +253,7 @@ def json_bytes(doc: dict[str, Any]) -> bytes:
 
 
 def report_html(doc: dict[str, Any]) -> bytes:
-    """The shareable HTML report of a sweep (see dashboard.report); never raises."""
-    from dashboard.report import download_bytes, sweep_report
+    """The shareable HTML report of a sweep (see dashboard.services.report); never raises."""
+    from dashboard.services.report import download_bytes, sweep_report
 
     return download_bytes(sweep_report, doc, Path(doc["_dir"]) if doc.get("_dir") else None)

@@ -1,0 +1,45 @@
+"""Shared by every service module: where the project lives, the upload limits, and the errors pages show."""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from pathlib import Path
+
+from engine.api import AdlabError, DataValidationError
+from engine.data import Limits
+
+log = logging.getLogger("adlab.dashboard")
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_ROOT = ROOT / "sample_data"
+MAX_UPLOAD_MB = 200  # keep equal to server.maxUploadSize in .streamlit/config.toml
+UPLOAD_LIMITS = Limits()
+MAX_CONCURRENT_JOBS = int(os.environ.get("ADLAB_MAX_JOBS", "1"))
+# "process": each job trains in a worker process (the default); "thread": in a thread of this process, for tests
+# that patch the engine in-process.
+JOB_ISOLATION = os.environ.get("ADLAB_JOB_ISOLATION", "process")
+BACKBONES = ["efficientnet_lite0", "resnet18", "wide_resnet50_2"]
+IMAGE_SIZES = [128, 160, 192, 224, 256, 320]
+
+
+class UserError(Exception):
+    """A problem to show the user as one message (never a stack trace)."""
+
+
+class DataProblems(UserError):
+    """A dataset or upload failed validation: `problems` lists (file, message, hint) for every problem found."""
+
+    def __init__(self, problems: list[tuple[str, str, str]]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) with the data")
+
+
+def _user_error(e: Exception) -> UserError:
+    if isinstance(e, DataValidationError):
+        return DataProblems([(p.path, p.message, p.hint) for p in e.problems])
+    if isinstance(e, AdlabError):
+        return UserError(str(e))
+    log.error("unexpected error:\n%s", traceback.format_exc())
+    return UserError(f"{type(e).__name__}: {e}")
