@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -150,6 +151,28 @@ class LocalExecutor:
         pass
 
 
+_RAY_INIT_LOCK = threading.Lock()
+
+
+def ray_init(address: str | None = None, *, num_cpus: int | None = None) -> tuple[Any, bool]:
+    """Import Ray and connect: to the cluster at `address` ("auto", "ray://head:10001", ...), or, with None or
+    "local", to a Ray runtime started here with `num_cpus` CPUs (default: all). Returns (the ray module, whether
+    this call started the runtime). A runtime this process already joined is reused as it is."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("Ray is not installed: pip install 'adlab[ray]' (or pip install ray)") from None
+    with _RAY_INIT_LOCK:  # two dashboard jobs starting at once must not both init
+        if ray.is_initialized():
+            return ray, False
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
+        if address and address != "local":
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+        return ray, True
+
+
 def _ray_task(unit: Unit) -> dict[str, Any]:
     """Body of the Ray task (module level, so workers import it instead of unpickling a closure)."""
     return run_unit(unit)
@@ -166,25 +189,13 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, *, num_cpus: int | None = None, cpus_per_unit: float = 1,
                  max_retries: int = 1):
-        try:
-            import ray
-        except ImportError:
-            raise ConfigError("--executor ray needs Ray: pip install 'adlab[ray]' (or pip install ray)") from None
         if cpus_per_unit <= 0:
             raise ConfigError("cpus per unit must be > 0")
+        ray, self._started = ray_init(address, num_cpus=num_cpus)
         self._ray = ray
         self.address = address
         self.cpus_per_unit = cpus_per_unit
         self.max_retries = max_retries
-        self._started = False
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
-                                      "log_to_driver": False}
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
-            self._started = True
         res = ray.cluster_resources()
         self.cpus = float(res.get("CPU", 1))
         self.gpus = float(res.get("GPU", 0))
@@ -232,6 +243,118 @@ class RayExecutor:
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
             self._started = False
+
+
+# ------------------------------------------------------------------------------------- one job on Ray
+
+
+class _RayCancel:
+    """The cancel flag a job's Ray task polls (as the runner polls a threading.Event between steps).
+
+    The caller asks for a stop by putting anything on the `control` queue; the queue is looked at no more than
+    twice a second, so polling stays cheap."""
+
+    def __init__(self, control: Any):
+        self._control = control
+        self._checked = 0.0
+        self._set = False
+
+    def is_set(self) -> bool:
+        now = time.monotonic()
+        if not self._set and now - self._checked >= 0.5:
+            self._checked = now
+            self._set = not self._control.empty()
+        return self._set
+
+
+def _ray_job(data: str, cfg: Any, events: Any, control: Any, cache_root: str | None, threads: int | None
+             ) -> dict[str, Any]:
+    """Body of a dashboard job's Ray task: `run_methods`, with progress and finished records sent on `events`.
+
+    Progress is sent when a method's stage changes, and otherwise at most every half second."""
+    from engine.cache import Cache
+    from engine.runner import run_methods
+
+    last: dict[str, tuple[str, float]] = {}
+
+    def progress(method: str, stage: str, fraction: float | None, info: dict[str, Any]) -> None:
+        now = time.monotonic()
+        prev = last.get(method)
+        if prev is None or prev[0] != stage or now - prev[1] >= 0.5:
+            last[method] = (stage, now)
+            events.put(("progress", (method, stage, fraction, dict(info))))
+
+    with _torch_threads(threads):
+        return run_methods(data, cfg, progress=progress, cancel=_RayCancel(control),  # type: ignore[arg-type]
+                           on_result=lambda rec: events.put(("result", rec)),
+                           cache=Cache(cache_root) if cache_root else None)
+
+
+def run_on_ray(data: str, cfg: Any, *, progress: Callable[[str, str, float | None, dict[str, Any]], None]
+               | None = None, cancel: Any = None, on_result: Callable[[dict[str, Any]], None] | None = None,
+               address: str | None = None, num_cpus: float = 1, cache_root: str | None = None,
+               grace_s: float = 5.0, poll_s: float = 0.2) -> dict[str, Any]:
+    """Run `run_methods(data, cfg)` as one Ray task and return its results dict (DESIGN §7).
+
+    Same contract as `engine.worker.run_in_worker`, so the dashboard's job manager can use either: `progress`
+    and `on_result` are called in this thread as the task reports; `Cancelled` is raised when `cancel` was set
+    (the task is asked to stop at its next step and force-cancelled `grace_s` seconds later); an error the job
+    reported (bad data, bad configuration) is raised as that error; a task that died raises `AdlabError`.
+    The task asks Ray for `num_cpus` CPUs (and its torch threads match them) and one GPU when `cfg.device` is
+    "cuda..." (or "auto" on a cluster with GPUs). `data` and `cache_root` must be paths every Ray node sees
+    (a shared filesystem); `cache_root` None means the engine's default on the node that runs the task.
+    """
+    from engine.runner import Cancelled
+
+    ray, _ = ray_init(address)
+    from ray.util.queue import Queue
+
+    events, control = Queue(), Queue()
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    device = str(getattr(cfg, "device", "auto"))
+    opts: dict[str, Any] = {"num_cpus": num_cpus, "max_retries": 0}
+    if device.startswith("cuda") or (device == "auto" and gpus > 0):
+        if gpus <= 0:
+            raise ConfigError("device 'cuda' asked for, but this Ray cluster has no GPU; use device auto or cpu")
+        opts["num_gpus"] = 1
+    threads = max(1, int(num_cpus))
+    ref = ray.remote(_ray_job).options(**opts).remote(str(data), cfg, events, control, cache_root, threads)
+
+    def drain() -> None:
+        n = events.qsize()
+        for kind, payload in events.get_nowait_batch(n) if n else []:
+            if kind == "progress" and progress is not None:
+                progress(*payload)
+            elif kind == "result" and on_result is not None:
+                on_result(payload)
+
+    asked_to_stop: float | None = None
+    try:
+        while True:
+            ready, _ = ray.wait([ref], timeout=poll_s)
+            drain()
+            if ready:
+                break
+            if cancel is not None and cancel.is_set():
+                if asked_to_stop is None:
+                    control.put(True)
+                    asked_to_stop = time.monotonic()
+                elif time.monotonic() - asked_to_stop > grace_s:
+                    ray.cancel(ref, force=True)
+                    raise Cancelled("run cancelled (its Ray task was stopped)")
+        try:
+            return ray.get(ref)
+        except Exception as e:  # Ray wraps the task's exception; it keeps the original class
+            cause = getattr(e, "cause", None) or e
+            if isinstance(cause, (Cancelled, AdlabError)):
+                raise cause from None
+            raise AdlabError(f"the Ray task failed: {type(cause).__name__}: {str(cause).splitlines()[0]}") from e
+        finally:
+            drain()
+    finally:
+        for q in (events, control):
+            with contextlib.suppress(Exception):
+                q.shutdown()
 
 
 def make_executor(name: str, *, address: str | None = None, num_cpus: int | None = None,

@@ -110,6 +110,9 @@ def _show(view: dict) -> None:
         st.error(view["error"] or "the run failed")
     elif view["state"] == "cancelled":
         st.warning("Run cancelled. Methods that had finished are kept.")
+    if view.get("ray"):
+        st.caption(f"Handed to the Ray cluster at `{view['ray']}` (ADLAB_RAY_ADDRESS): it trains on a free node, "
+                   "beside other people's jobs.")
     w = view["worker"]
     if w and w["pid"] and view["state"] not in ("queued", "running"):
         peak = f"peak memory {w['peak_mb']:.0f} MB" if w["peak_mb"] else "peak memory not known"

@@ -16,10 +16,16 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_ROOT = ROOT / "sample_data"
 MAX_UPLOAD_MB = 200  # keep equal to server.maxUploadSize in .streamlit/config.toml
 UPLOAD_LIMITS = Limits()
-MAX_CONCURRENT_JOBS = int(os.environ.get("ADLAB_MAX_JOBS", "1"))
-# "process": each job trains in a worker process (the default); "thread": in a thread of this process, for tests
-# that patch the engine in-process.
-JOB_ISOLATION = os.environ.get("ADLAB_JOB_ISOLATION", "process")
+# A Ray cluster to hand training jobs to ("auto", "ray://head:10001", or "local" for a runtime started by this
+# server): several people's jobs then train at once on the cluster's free CPUs instead of queueing here.
+RAY_ADDRESS = os.environ.get("ADLAB_RAY_ADDRESS") or None
+RAY_JOB_CPUS = float(os.environ.get("ADLAB_RAY_JOB_CPUS", "2"))  # CPUs each job asks Ray for
+# "process": each job trains in a worker process (the default); "ray": as a Ray task (the default when
+# ADLAB_RAY_ADDRESS is set); "thread": in a thread of this process, for tests that patch the engine in-process.
+JOB_ISOLATION = os.environ.get("ADLAB_JOB_ISOLATION", "ray" if RAY_ADDRESS else "process")
+# Jobs running at once; the others wait in order. With Ray the cluster decides how many really run (a job waits
+# there for free CPUs), so the server hands over many.
+MAX_CONCURRENT_JOBS = int(os.environ.get("ADLAB_MAX_JOBS", "16" if JOB_ISOLATION == "ray" else "1"))
 BACKBONES = ["efficientnet_lite0", "resnet18", "wide_resnet50_2"]
 IMAGE_SIZES = [128, 160, 192, 224, 256, 320]
 

@@ -10,11 +10,21 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dashboard.services.common import JOB_ISOLATION, MAX_CONCURRENT_JOBS, UserError, _user_error, log
+from dashboard.services.common import (
+    JOB_ISOLATION,
+    MAX_CONCURRENT_JOBS,
+    RAY_ADDRESS,
+    RAY_JOB_CPUS,
+    UserError,
+    _user_error,
+    log,
+)
 from dashboard.services.data import _dataset, dataset_info
 from dashboard.services.methods import check_config, estimate_run, estimate_text
 from dashboard.services.results import _persist, run_notes_text
 from engine.api import DataValidationError
+from engine.data import cache_root
+from engine.executors import run_on_ray
 from engine.runner import Cancelled, RunConfig, run_methods
 from engine.worker import WorkerDied, WorkerStats, run_in_worker
 
@@ -74,15 +84,19 @@ class Job:
 class JobManager:
     """Runs training jobs, one per session, at most `max_running` at a time, the others in a FIFO queue.
 
-    isolation "process" (default: `JOB_ISOLATION`): each job trains in a worker process, followed by a thread
-    here; "thread": the job trains in that thread, in this process (for tests that patch the engine in-process).
+    isolation (default: `JOB_ISOLATION`) "process": each job trains in a worker process, followed by a thread
+    here; "ray": each job is a Ray task on the cluster at `ray_address` (`engine.executors.run_on_ray`; the
+    results and maps go to the cache root, which the cluster's nodes must share); "thread": the job trains in that
+    thread, in this process (for tests that patch the engine in-process).
     """
 
-    def __init__(self, max_running: int = 1, isolation: str | None = None):
+    def __init__(self, max_running: int = 1, isolation: str | None = None, ray_address: str | None = None):
         self.max_running = max(1, max_running)
         self.isolation = isolation or JOB_ISOLATION
-        if self.isolation not in ("process", "thread"):
-            raise ValueError(f"job isolation {self.isolation!r}: use 'process' or 'thread' (ADLAB_JOB_ISOLATION)")
+        if self.isolation not in ("process", "thread", "ray"):
+            raise ValueError(f"job isolation {self.isolation!r}: use 'process', 'ray' or 'thread' "
+                             "(ADLAB_JOB_ISOLATION)")
+        self.ray_address = ray_address or RAY_ADDRESS
         self._cond = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._queue: list[str] = []  # job ids waiting, in order
@@ -94,7 +108,8 @@ class JobManager:
         if msg:
             raise UserError(msg)
         info = dataset_info(dataset_path)
-        refusal = estimate_run(dataset_path, config).refusal()
+        # the memory limit is this machine's: a job handed to a Ray cluster runs where Ray finds room for it
+        refusal = estimate_run(dataset_path, config).refusal() if self.isolation != "ray" else None
         if refusal:
             raise UserError(refusal)
         with self._cond:
@@ -186,6 +201,10 @@ class JobManager:
                 job.worker = WorkerStats()
                 results = run_in_worker(job.dataset_path, cfg, progress=progress, cancel=job.cancel,
                                         on_result=on_result, stats=job.worker, label=job.id)
+            elif self.isolation == "ray":
+                results = run_on_ray(job.dataset_path, cfg, progress=progress, cancel=job.cancel,
+                                     on_result=on_result, address=self.ray_address, num_cpus=RAY_JOB_CPUS,
+                                     cache_root=str(cache_root()))
             else:
                 results = run_methods(_dataset(job.dataset_path), cfg, progress=progress, cancel=job.cancel,
                                       on_result=on_result)
@@ -254,4 +273,5 @@ def job_view(job: Job) -> dict[str, Any]:
     return {"state": job.state, "cancelling": job.cancel.is_set() and job.active,
             "queue_position": job_manager().queue_position(job), "rows": rows,
             "error": job.error, "digest": job.digest, "elapsed": (job.finished or time.time()) - job.created,
-            "worker": asdict(job.worker) if job.worker is not None else None}
+            "worker": asdict(job.worker) if job.worker is not None else None,
+            "ray": (job_manager().ray_address or "local") if job_manager().isolation == "ray" else None}
