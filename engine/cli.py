@@ -53,12 +53,13 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def print_table(results: dict[str, Any]) -> None:
     """A plain-text table of the runs."""
+    # F1max: the best F1 over all thresholds (image_f1_max), chosen on the test images themselves
     cols = ["method", "status", "img AUROC", "img AP", "F1max", "pix AUROC", "AUPRO", "fit s", "pred s", "img/s"]
     rows = []
     for r in results["runs"]:
         m = r.get("metrics") or {}
         t = r.get("timing") or {}
-        rows.append([r["method"] + (" (cached)" if r.get("cached") else ""), r["status"],
+        rows.append([r.get("label", r["method"]) + (" (cached)" if r.get("cached") else ""), r["status"],
                      _fmt(m.get("image_auroc")), _fmt(m.get("image_ap")), _fmt(m.get("image_f1_max")),
                      _fmt(m.get("pixel_auroc")), _fmt(m.get("pixel_aupro")), _fmt(t.get("fit_s"), 2),
                      _fmt(t.get("predict_s"), 2), _fmt(t.get("images_per_s"), 1)])
@@ -68,7 +69,7 @@ def print_table(results: dict[str, Any]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
     for r in results["runs"]:
         if r["status"] != "ok":
-            print(f"\n{r['method']} failed: {r['error']}", file=sys.stderr)
+            print(f"\n{r.get('label', r['method'])} failed: {r['error']}", file=sys.stderr)
 
 
 _WORDS = {"none": None, "null": None, "true": True, "false": False}
@@ -182,6 +183,15 @@ def _predict(args: argparse.Namespace) -> int:
           f"({out['threshold_rule']})")
     print(f"predictions: {Path(args.out) / 'predictions.json'}")
     return 0
+
+
+def _k_arg(text: str) -> int | list[int]:
+    """--labeled-anomalies: one K ("3") as an int, several ("0,1,3,10" or "0-3") as a list (argparse type)."""
+    try:
+        ks = _int_list(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K ≥ 0 or a comma list like 0,1,3,10") from None
+    return ks[0] if len(ks) == 1 and "," not in text and "-" not in text else ks
 
 
 def _int_list(text: str) -> list[int]:
@@ -308,8 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default="auto", help="auto | bundled | hub | random | PATH to a weights file")
     p.add_argument("--preset", default="fast", choices=["fast", "quality"])
-    p.add_argument("--labeled-anomalies", type=int, default=0, metavar="K",
-                   help="move K anomalous test images per defect type into a labelled training set")
+    p.add_argument("--labeled-anomalies", type=_k_arg, default=0, metavar="K",
+                   help="move K anomalous test images per defect type into a labelled training set; a list "
+                        "(0,1,3,10) runs each weakly supervised method once per K on the same test images (the "
+                        "largest K decides which are held back) and every other method once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="override a method parameter")
     p.add_argument("--no-cache", action="store_true", help="recompute everything, write nothing to the cache")

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,13 +49,54 @@ class RunConfig:
     backbone: str = "efficientnet_lite0"
     weights: str = "auto"
     preset: str = "fast"
-    labeled_anomalies: int = 0
+    # K labelled anomalies per defect type, or several K (a labelled-anomaly curve): one run per (weak method, K),
+    # all evaluated on the test images left after the largest K is held back (see labeled_rows_by_k)
+    labeled_anomalies: int | Sequence[int] = 0
     seed: int = 0
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     use_cache: bool = True
     # Keep each fitted model in the cache (kind "models", the run's key) so it can be saved or score new images
     # later (dashboard Try page). Not part of the cache key; a cached run without its model is then refitted.
     keep_models: bool = False
+
+    @property
+    def ks(self) -> list[int]:
+        """The K values, sorted and distinct ([K] for a single K)."""
+        return k_values(self.labeled_anomalies)
+
+    @property
+    def k_held(self) -> int:
+        """The largest K: it decides which anomalous test images are held back from every evaluation."""
+        return max(self.ks)
+
+
+def k_values(labeled_anomalies: int | Sequence[int]) -> list[int]:
+    """K as a sorted list of distinct non-negative ints; ConfigError for an empty list or a negative K."""
+    ks = [labeled_anomalies] if isinstance(labeled_anomalies, int) else list(labeled_anomalies)
+    if not ks:
+        raise ConfigError("labelled anomalies: give at least one K (e.g. 0,1,3,10)")
+    if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in ks):
+        raise ConfigError(f"labelled anomalies {ks}: each K must be a whole number ≥ 0")
+    return sorted(set(ks))
+
+
+def needs_labels_message(names: Sequence[str]) -> str:
+    """The error for weakly supervised methods asked to run without labelled anomalies (K = 0)."""
+    return (f"{', '.join(names)} need labelled anomalies: set labelled anomalies K ≥ 1 "
+            "(K anomalous test images per defect type move into training)")
+
+
+def run_label(method: str, k: int | None, several: bool) -> str:
+    """How a run is named in tables, plots and progress: the method, with its K when a run holds several K."""
+    return f"{method} · K={k}" if several and k is not None else method
+
+
+def run_plan(cfg: RunConfig) -> list[tuple[str, int | None]]:
+    """(method, K) of every run in order: each weakly supervised method once per K, every other method once
+    (K = None: it ignores labels). Methods keep the order of cfg.methods, K rises."""
+    ks = cfg.ks
+    return [(name, k) for name in cfg.methods
+            for k in (ks if registry.info(name).supervision == "weak" else [None])]
 
 
 def _noop(method: str, stage: str, fraction: float | None, info: dict[str, Any]) -> None:
@@ -106,23 +147,31 @@ class _PeakMemory:
         return round(mb, 1)
 
 
+def labeled_rows_by_k(test: ImageSet, ks: Sequence[int], seed: int) -> dict[int, list[int]]:
+    """For each K, the rows of K anomalous test images per defect type (seeded) for the labelled training set.
+
+    Each type's anomalous rows are put in one seeded random order and K takes its first min(K, n_type - 1), so the
+    rows for a smaller K are a subset of those for a larger K, and at least one image of each type stays for
+    evaluation. Returns {K: sorted rows}.
+    """
+    rng = np.random.default_rng(seed)
+    pairs = list(zip(test.defect_types, test.labels.tolist(), strict=True))
+    orders = []
+    for t in sorted({d for d, y in pairs if y == 1}):
+        rows = np.asarray([i for i, (d, y) in enumerate(pairs) if d == t and y == 1])
+        orders.append(rng.permutation(rows).tolist())
+    return {k: sorted(r for order in orders for r in order[:max(0, min(k, len(order) - 1))]) for k in ks}
+
+
 def split_labeled(test: ImageSet, k: int, seed: int) -> tuple[list[int], list[int]]:
     """Choose k anomalous test images per defect type (seeded) for the labelled training set.
 
-    Returns (labelled_rows, remaining_rows). At least one image of each type stays for evaluation.
+    Returns (labelled_rows, remaining_rows). At least one image of each type stays for evaluation; the rows
+    chosen for a smaller k are a subset of those for a larger k (labeled_rows_by_k).
     """
-    if k <= 0:
-        return [], list(range(len(test)))
-    rng = np.random.default_rng(seed)
-    chosen: list[int] = []
-    for t in sorted({d for d, y in zip(test.defect_types, test.labels.tolist(), strict=True) if y == 1}):
-        rows = [i for i, (d, y) in enumerate(zip(test.defect_types, test.labels.tolist(), strict=True))
-                if d == t and y == 1]
-        take = min(k, len(rows) - 1)
-        if take > 0:
-            chosen += sorted(rng.choice(rows, size=take, replace=False).tolist())
+    chosen = labeled_rows_by_k(test, [k], seed)[k]
     chosen_set = set(chosen)
-    return sorted(chosen), [i for i in range(len(test)) if i not in chosen_set]
+    return chosen, [i for i in range(len(test)) if i not in chosen_set]
 
 
 _split_cache: dict[tuple[str, str, int], ImageSet] = {}
@@ -156,7 +205,7 @@ def method_params(name: str, cfg: RunConfig) -> dict[str, Any]:
     return params
 
 
-def run_key(ds_digest: str, name: str, params: dict[str, Any], cfg: RunConfig, labeled: list[int]) -> str:
+def run_key(ds_digest: str, name: str, params: dict[str, Any], cfg: RunConfig, labeled: list[Any]) -> str:
     """Cache key of a method's fitted model and predictions (DESIGN §8)."""
     wd = weights_description(params.get("backbone", cfg.backbone), params.get("weights", cfg.weights))
     return make_key("run", ds_digest, name, params, cfg.image_size, wd, ENGINE_VERSION, labeled)
@@ -191,10 +240,14 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     infos = {name: registry.info(name) for name in cfg.methods}
     for name in cfg.methods:
         method_params(name, cfg)  # a misspelt or mistyped parameter is a ConfigError now, not a failed fit later
+    ks = cfg.ks
     weak = [n for n, mi in infos.items() if mi.supervision == "weak"]
-    if weak and cfg.labeled_anomalies <= 0:
-        raise ConfigError(f"{', '.join(weak)} need labelled anomalies: set labelled anomalies K ≥ 1 "
-                          "(K anomalous test images per defect type move into training)")
+    if weak and max(ks) <= 0:
+        raise ConfigError(needs_labels_message(weak))
+    several = len(ks) > 1
+    if several and save_models is not None:
+        raise ConfigError(f"saving models takes one K at a time (asked for K = {', '.join(map(str, ks))}): "
+                          "run again with the one K whose models you want")
     device = resolve_device(cfg.device)
     ds = data if isinstance(data, Dataset) else discover(data)
 
@@ -209,25 +262,41 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     assert cfg.image_size is not None
     train = load_images(ds, "train", cfg.image_size)
     test_all = load_images(ds, "test", cfg.image_size)
-    labeled_rows, eval_rows = split_labeled(test_all, cfg.labeled_anomalies, cfg.seed)
-    test = test_all.subset(eval_rows) if labeled_rows else test_all
-    anomalies = test_all.subset(labeled_rows) if labeled_rows else None
+    rows_by_k = labeled_rows_by_k(test_all, ks, cfg.seed)
+    held = rows_by_k[max(ks)]  # left out of every evaluation, whatever K a run uses
+    held_set = set(held)
+    eval_rows = [i for i in range(len(test_all)) if i not in held_set]
+    test = test_all.subset(eval_rows) if held else test_all
     results: dict[str, Any] = {
         "dataset": {"path": str(ds.root), "name": ds.name, "digest": ds.digest, "n_train": len(train),
                     "n_test": len(test), "defect_types": ds.defect_types, "warnings": list(ds.warnings)},
         "config": {"image_size": cfg.image_size, "device": device, "backbone": cfg.backbone, "weights": cfg.weights,
-                   "preset": cfg.preset, "labeled_anomalies": cfg.labeled_anomalies, "seed": cfg.seed},
-        "labeled_anomalies": {"k": cfg.labeled_anomalies, "paths": [test_all.paths[i] for i in labeled_rows]},
+                   "preset": cfg.preset, "labeled_anomalies": max(ks), "seed": cfg.seed},
+        "labeled_anomalies": {"k": max(ks), "paths": [test_all.paths[i] for i in held]},
         "engine_version": ENGINE_VERSION,
         "runs": [],
     }
-    for name in cfg.methods:
+    if several:  # additions: the K of the curve; config.labeled_anomalies stays one int (the held-back K)
+        results["config"]["labeled_anomalies_ks"] = ks
+        results["labeled_anomalies"]["ks"] = ks
+    for name, k in run_plan(cfg):
         check_cancel()
-        with using_cache(cache), thread_job() as threads:
-            rec = _run_one(name, infos[name], cfg, device, ds, train, test, test_all, anomalies, labeled_rows,
-                           cache, progress, cancel, save=None if save_models is None else (Path(save_models), results))
-        if rec["status"] == "ok" and not rec.get("cached"):
-            rec["timing"]["threads"] = threads.threads
+        mi = infos[name]
+        label = run_label(name, k, several)
+        # unsupervised methods get the held-back images as today (they ignore them); weak ones their K's subset
+        lab_rows = held if k is None else rows_by_k[k]
+        anomalies = test_all.subset(lab_rows) if lab_rows else None
+        unit = _Unit(name=name, label=label, k=k, labeled_rows=lab_rows, held_rows=held)
+        if k is not None and k <= 0:  # this (method, K) alone cannot run; the other runs go on
+            rec = _empty_record(name, mi, cfg, unit)
+            rec["error"] = needs_labels_message([name])
+            progress(label, "failed", None, {"error": rec["error"]})
+        else:
+            with using_cache(cache), thread_job() as threads:
+                rec = _run_one(unit, mi, cfg, device, ds, train, test, test_all, anomalies, cache, progress,
+                               cancel, save=None if save_models is None else (Path(save_models), results))
+            if rec["status"] == "ok" and not rec.get("cached"):
+                rec["timing"]["threads"] = threads.threads
         results["runs"].append(rec)
         try:
             estimates.record(rec, n_train=len(train), n_test=len(test), image_size=cfg.image_size,
@@ -239,34 +308,59 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     return results
 
 
-def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds: Dataset, train: ImageSet,
-             test: ImageSet, test_all: ImageSet, anomalies: ImageSet | None, labeled_rows: list[int], cache: Cache,
+@dataclass(frozen=True)
+class _Unit:
+    """One run of a method: its K (None for methods that ignore labels), the labelled rows it trains with and the
+    rows held back from every evaluation."""
+
+    name: str
+    label: str
+    k: int | None
+    labeled_rows: list[int]
+    held_rows: list[int]
+
+
+def _empty_record(name: str, mi: registry.MethodInfo, cfg: RunConfig, unit: _Unit) -> dict[str, Any]:
+    """A run record with status failed and no results yet (DESIGN §7 plus the added fields)."""
+    return {"method": name, "family": mi.family, "params": {}, "weights": None,
+            "status": "failed", "error": None, "metrics": None,
+            "timing": {"fit_s": None, "predict_s": None, "images_per_s": None, "peak_mem_mb": None},
+            "images": [], "faithful": mi.faithful, "localises": mi.localises, "cached": False,
+            "preset": cfg.preset, "reduced": registry.is_reduced(name, cfg.preset),
+            "label": unit.label, "labeled_k": unit.k}
+
+
+def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds: Dataset, train: ImageSet,
+             test: ImageSet, test_all: ImageSet, anomalies: ImageSet | None, cache: Cache,
              progress: RunProgress, cancel: threading.Event | None,
              save: tuple[Path, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One method: from the cache when it holds the run (and its model, when one is to be kept), else fit,
+    """One run: from the cache when it holds the run (and its model, when one is to be kept), else fit,
     predict and evaluate. save: (folder, results so far) to write the fitted model to (saved_models format)."""
-    rec: dict[str, Any] = {"method": name, "family": mi.family, "params": {}, "weights": None,
-                           "status": "failed", "error": None, "metrics": None,
-                           "timing": {"fit_s": None, "predict_s": None, "images_per_s": None, "peak_mem_mb": None},
-                           "images": [], "faithful": mi.faithful, "localises": mi.localises, "cached": False,
-                           "preset": cfg.preset, "reduced": registry.is_reduced(name, cfg.preset)}
+    name = unit.name
+    rec = _empty_record(name, mi, cfg, unit)
+    if unit.k is not None:
+        rec["labeled_paths"] = [test_all.paths[i] for i in unit.labeled_rows]
 
     def prog(stage: str, fraction: float | None = None, info: dict[str, Any] | None = None) -> None:
         if cancel is not None and cancel.is_set():
             raise Cancelled("run cancelled")
-        progress(name, stage, fraction, info or {})
+        progress(unit.label, stage, fraction, info or {})
 
     try:
         params = method_params(name, cfg)
         rec["params"] = _jsonable(params)
         rec["weights"] = (weights_description(params.get("backbone", cfg.backbone), params.get("weights", cfg.weights))
                           if mi.uses_backbone else "none (trained from scratch on the images)")
-        key = run_key(ds.digest, name, params, cfg, labeled_rows)
+        # the held-back rows join the key only when they differ from the labelled ones (a single K keeps its key)
+        labeled = (unit.labeled_rows if unit.labeled_rows == unit.held_rows
+                   else [unit.labeled_rows, unit.held_rows])
+        key = run_key(ds.digest, name, params, cfg, labeled)
         rec["cache_key"] = key
         need_model = cfg.keep_models or save is not None
 
         def from_cache(stored: dict[str, Any]) -> dict[str, Any]:
-            stored.update(preset=rec["preset"], reduced=rec["reduced"])  # the same params may come from another preset
+            # the same params may come from another preset; the label depends on the other runs of this call
+            stored.update(preset=rec["preset"], reduced=rec["reduced"], label=unit.label, labeled_k=unit.k)
             if save is not None:
                 _save_model(save, stored, cache=cache)
             prog("done", 1.0, {"cached": True})
@@ -338,7 +432,7 @@ def _run_one(name: str, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds
         log.error("method %s failed:\n%s", name, traceback.format_exc())
         rec["error"] = f"{type(e).__name__}: {e}"
     if rec["status"] != "ok":
-        progress(name, "failed", None, {"error": rec["error"]})
+        progress(unit.label, "failed", None, {"error": rec["error"]})
     return rec
 
 
