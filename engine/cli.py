@@ -259,11 +259,12 @@ def print_sweep_table(doc: dict[str, Any]) -> None:
     datasets: list[str] = []
     methods: list[str] = []
     for u in doc["units"]:
+        name = u.get("label") or u["method"]  # "devnet · K=3" when the sweep has several K
         datasets += [u["dataset"]] if u["dataset"] not in datasets else []
-        methods += [u["method"]] if u["method"] not in methods else []
+        methods += [name] if name not in methods else []
         a = (u.get("metrics") or {}).get("image_auroc")
         if u["status"] == "ok" and a is not None:
-            cells[(u["dataset"], u["method"])].append(float(a))
+            cells[(u["dataset"], name)].append(float(a))
     rows = [["image AUROC", *methods]]
     for d in datasets:
         row = [d]
@@ -276,7 +277,8 @@ def print_sweep_table(doc: dict[str, Any]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
     for u in doc["units"]:
         if u["status"] != "ok":
-            print(f"\n{u['dataset']} · {u['method']} · seed {u['seed']} failed: {u['error']}", file=sys.stderr)
+            print(f"\n{u['dataset']} · {u.get('label') or u['method']} · seed {u['seed']} failed: {u['error']}",
+                  file=sys.stderr)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -346,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="fast", choices=["test", "fast", "quality"])
     p.add_argument("--image-size", type=int, default=None,
                    help="working resolution in px (default: 256, or the images' own size when smaller)")
-    p.add_argument("--labeled-anomalies", type=int, default=0, metavar="K")
+    p.add_argument("--labeled-anomalies", type=_k_arg, default=0, metavar="K",
+                   help="K labelled anomalies per defect type, or a list (0,1,3,10): one unit per (weak method, K)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default="auto", help="auto | bundled | hub | random | PATH to a weights file")

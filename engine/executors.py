@@ -42,7 +42,8 @@ class Unit:
     params: dict[str, Any] = field(default_factory=dict)
     preset: str = "fast"
     image_size: int | None = None
-    labeled_anomalies: int = 0
+    labeled_anomalies: int | list[int] = 0
+    only_k: int | None = None  # with a K list: the one K this unit runs (RunConfig.only_k)
     device: str = "auto"
     backbone: str = "efficientnet_lite0"
     weights: str = "auto"
@@ -90,7 +91,7 @@ def run_unit(unit: Unit) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = RunConfig(methods=[unit.method], image_size=unit.image_size, device=unit.device, backbone=unit.backbone,
                     weights=unit.weights, preset=unit.preset, labeled_anomalies=unit.labeled_anomalies,
-                    seed=unit.seed, params={unit.method: dict(unit.params)} if unit.params else {},
+                    only_k=unit.only_k, seed=unit.seed, params={unit.method: dict(unit.params)} if unit.params else {},
                     use_cache=unit.use_cache)
     cache = Cache(unit.cache_root) if unit.use_cache and unit.cache_root else None
     header: dict[str, Any] | None = None

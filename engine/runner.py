@@ -52,6 +52,9 @@ class RunConfig:
     # K labelled anomalies per defect type, or several K (a labelled-anomaly curve): one run per (weak method, K),
     # all evaluated on the test images left after the largest K is held back (see labeled_rows_by_k)
     labeled_anomalies: int | Sequence[int] = 0
+    # one K of labeled_anomalies only (a sweep unit): weak methods run at that K alone, on the same held-back
+    # images as the whole curve; None runs every K
+    only_k: int | None = None
     seed: int = 0
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     use_cache: bool = True
@@ -95,6 +98,10 @@ def run_plan(cfg: RunConfig) -> list[tuple[str, int | None]]:
     """(method, K) of every run in order: each weakly supervised method once per K, every other method once
     (K = None: it ignores labels). Methods keep the order of cfg.methods, K rises."""
     ks = cfg.ks
+    if cfg.only_k is not None:
+        if cfg.only_k not in ks:
+            raise ConfigError(f"K = {cfg.only_k} is not among the labelled anomalies {ks}")
+        ks = [cfg.only_k]
     return [(name, k) for name in cfg.methods
             for k in (ks if registry.info(name).supervision == "weak" else [None])]
 
@@ -244,6 +251,7 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     weak = [n for n, mi in infos.items() if mi.supervision == "weak"]
     if weak and max(ks) <= 0:
         raise ConfigError(needs_labels_message(weak))
+    plan = run_plan(cfg)
     several = len(ks) > 1
     if several and save_models is not None:
         raise ConfigError(f"saving models takes one K at a time (asked for K = {', '.join(map(str, ks))}): "
@@ -279,7 +287,7 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     if several:  # additions: the K of the curve; config.labeled_anomalies stays one int (the held-back K)
         results["config"]["labeled_anomalies_ks"] = ks
         results["labeled_anomalies"]["ks"] = ks
-    for name, k in run_plan(cfg):
+    for name, k in plan:
         check_cancel()
         mi = infos[name]
         label = run_label(name, k, several)

@@ -23,7 +23,7 @@ from engine.api import AdlabError, ConfigError
 from engine.cache import ENGINE_VERSION, atomic_write, make_key
 from engine.data import discover
 from engine.executors import Executor, Unit
-from engine.runner import RunConfig, method_params
+from engine.runner import RunConfig, k_values, method_params, needs_labels_message, run_label
 
 SWEEP_FILE = "sweep.json"
 
@@ -37,7 +37,7 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     preset: str = "fast"
     image_size: int | None = None
-    labeled_anomalies: int = 0
+    labeled_anomalies: int | list[int] = 0  # a list: one unit per (weak method, K), all on the same test images
     device: str = "auto"
     backbone: str = "efficientnet_lite0"
     weights: str = "auto"
@@ -85,6 +85,7 @@ class _Planned:
     unit: Unit
     key: str
     dataset: dict[str, Any]  # name, path, digest (or error)
+    label: str = ""  # the method, with its K when the sweep has several K
 
 
 def check_config(cfg: SweepConfig) -> None:
@@ -107,8 +108,8 @@ def check_config(cfg: SweepConfig) -> None:
     for m in cfg.methods:
         method_params(m, rc)  # unknown method or mistyped parameter: ConfigError naming it
     weak = [m for m in cfg.methods if registry.info(m).supervision == "weak"]
-    if weak and cfg.labeled_anomalies <= 0:
-        raise ConfigError(f"{', '.join(weak)} need labelled anomalies: use --labeled-anomalies K (K ≥ 1)")
+    if weak and max(k_values(cfg.labeled_anomalies)) <= 0:
+        raise ConfigError(needs_labels_message(weak))
 
 
 def plan(cfg: SweepConfig) -> list[_Planned]:
@@ -116,6 +117,8 @@ def plan(cfg: SweepConfig) -> list[_Planned]:
 
     A dataset that fails validation still gets its units; they fail with its problems when run."""
     check_config(cfg)
+    ks = k_values(cfg.labeled_anomalies)
+    several = len(ks) > 1
     names: dict[str, int] = {}
     out = []
     for path in cfg.datasets:
@@ -133,15 +136,19 @@ def plan(cfg: SweepConfig) -> list[_Planned]:
         where = str(Path(path).resolve()) if Path(path).exists() else str(path)
         for seed in cfg.seeds:
             for m in cfg.methods:
-                u = Unit(dataset=where, method=m, seed=seed, params=dict(cfg.params.get(m, {})),
-                         preset=cfg.preset, image_size=cfg.image_size, labeled_anomalies=cfg.labeled_anomalies,
-                         device=cfg.device, backbone=cfg.backbone, weights=cfg.weights, use_cache=cfg.use_cache,
-                         cache_root=cfg.cache_root, threads=cfg.threads_per_unit)
-                full = method_params(m, RunConfig(methods=[m], preset=cfg.preset, seed=seed, backbone=cfg.backbone,
-                                                  weights=cfg.weights, params=cfg.params))
-                key = make_key("sweep-unit", info["digest"] or info["path"], m, full, cfg.image_size,
-                               cfg.labeled_anomalies, cfg.device, ENGINE_VERSION)
-                out.append(_Planned(u, key, info))
+                weak = registry.info(m).supervision == "weak"
+                for k in (ks if several and weak else [None]):
+                    u = Unit(dataset=where, method=m, seed=seed, params=dict(cfg.params.get(m, {})),
+                             preset=cfg.preset, image_size=cfg.image_size, labeled_anomalies=cfg.labeled_anomalies,
+                             only_k=k, device=cfg.device, backbone=cfg.backbone, weights=cfg.weights,
+                             use_cache=cfg.use_cache, cache_root=cfg.cache_root, threads=cfg.threads_per_unit)
+                    full = method_params(m, RunConfig(methods=[m], preset=cfg.preset, seed=seed,
+                                                      backbone=cfg.backbone, weights=cfg.weights, params=cfg.params))
+                    # a single K keeps the key it always had
+                    labels: Any = cfg.labeled_anomalies if not several else [ks, k]
+                    key = make_key("sweep-unit", info["digest"] or info["path"], m, full, cfg.image_size,
+                                   labels, cfg.device, ENGINE_VERSION)
+                    out.append(_Planned(u, key, info, run_label(m, k, several)))
     return out
 
 
@@ -197,7 +204,8 @@ def _unit_record(p: _Planned, run: dict[str, Any], wall_s: float | None, host: s
     rec.update({"key": p.key, "family": run.get("family") or registry.info(u.method).family,
                 "dataset_path": p.dataset["path"], "dataset_digest": p.dataset["digest"],
                 "results": results_path(p.dataset["name"], u.seed), "cached": bool(run.get("cached")),
-                "wall_s": wall_s, "host": host, "faithful": run.get("faithful", True)})
+                "wall_s": wall_s, "host": host, "faithful": run.get("faithful", True),
+                "label": p.label or u.method, "labeled_k": u.only_k})
     return rec
 
 
@@ -262,7 +270,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, executor: Executor, *,
             computed_s.append(wall_s)
         write_results(rel)
         _atomic_json(out / SWEEP_FILE, doc(False))
-        tell(f"{p.dataset['name']} · {p.unit.method} · seed {p.unit.seed}: {rec['status']}")
+        tell(f"{p.dataset['name']} · {p.label or p.unit.method} · seed {p.unit.seed}: {rec['status']}")
 
     todo: list[int] = []
     for i, p in enumerate(planned):
@@ -280,7 +288,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, executor: Executor, *,
 
     def on_start(j: int) -> None:
         in_flight.add(todo[j])
-        tell(f"started {planned[todo[j]].dataset['name']} · {planned[todo[j]].unit.method} · "
+        tell(f"started {planned[todo[j]].dataset['name']} · {planned[todo[j]].label} · "
              f"seed {planned[todo[j]].unit.seed}")
 
     def on_done(j: int, outcome: dict[str, Any]) -> None:

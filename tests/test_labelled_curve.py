@@ -178,3 +178,24 @@ def test_cli_refuses_a_bad_k_list(arg: str, capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["run", "DATA", "--methods", "devnet", "--labeled-anomalies", arg])
     assert e.value.code == 2 and "--labeled-anomalies" in capsys.readouterr().err
+
+
+def test_sweep_runs_one_unit_per_weak_method_and_k(data, tmp_path) -> None:
+    from engine.executors import LocalExecutor
+    from engine.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(datasets=[str(data)], methods=["patchcore", "devnet"], labeled_anomalies=[0, 2],
+                      preset="test", image_size=48, params={"devnet": dict(TINY)},
+                      cache_root=str(tmp_path / "cache"))
+    doc = run_sweep(cfg, tmp_path / "out", LocalExecutor())
+    units = doc["units"]
+    assert [(u["method"], u["labeled_k"], u["label"]) for u in units] == [
+        ("patchcore", None, "patchcore"), ("devnet", 0, "devnet · K=0"), ("devnet", 2, "devnet · K=2")]
+    assert len({u["key"] for u in units}) == 3
+    assert units[1]["status"] == "failed" and "need labelled anomalies" in units[1]["error"]
+    assert units[0]["status"] == units[2]["status"] == "ok", [u["error"] for u in units]
+    import json
+
+    res = json.loads((tmp_path / "out" / units[0]["results"]).read_text())
+    evaluated = [sorted(i["path"] for i in r["images"]) for r in res["runs"] if r["status"] == "ok"]
+    assert len(evaluated) == 2 and evaluated[0] == evaluated[1]  # the same held-back test images
