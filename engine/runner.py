@@ -106,6 +106,12 @@ def run_plan(cfg: RunConfig) -> list[tuple[str, int | None]]:
             for k in (ks if registry.info(name).supervision == "weak" else [None])]
 
 
+def run_labels(cfg: RunConfig) -> list[str]:
+    """The names of the runs of `cfg` in order, as progress reports them and records carry them ("label")."""
+    several = len(cfg.ks) > 1
+    return [run_label(name, k, several) for name, k in run_plan(cfg)]
+
+
 def _noop(method: str, stage: str, fraction: float | None, info: dict[str, Any]) -> None:
     pass
 

@@ -1,4 +1,5 @@
-"""Compare page: metrics table with intervals, ROC / PR / pixel ROC curves, per-defect table, accuracy vs speed."""
+"""Compare page: metrics table with intervals, the labelled-anomaly curve (several K), ROC / PR / pixel ROC curves,
+per-defect table, accuracy vs speed."""
 
 from __future__ import annotations
 
@@ -15,20 +16,49 @@ st.title("Compare")
 nav.stop_if_empty(bool(services.ok_runs(results) or (results or {}).get("runs")))
 
 cfg = results.get("config", {})
+ks = cfg.get("labeled_anomalies_ks")
+k_text = (f", labelled anomalies K = {', '.join(map(str, ks))} (the images labelled for K = {max(ks)} are "
+          "held back from every evaluation)" if ks else
+          f", K = {cfg.get('labeled_anomalies')} labelled anomalies" if cfg.get("labeled_anomalies") else "")
 st.caption(f"Step 3 of 3 — **{info.name}**, {cfg.get('image_size')} px, backbone {cfg.get('backbone')}, "
-           f"preset {cfg.get('preset')}, device {cfg.get('device')}"
-           + (f", K = {cfg.get('labeled_anomalies')} labelled anomalies" if cfg.get("labeled_anomalies") else ""))
+           f"preset {cfg.get('preset')}, device {cfg.get('device')}" + k_text)
 
 best = services.best_method(results)
 if best:
     c1, c2, c3 = st.columns([3, 1.2, 1.2])
-    best_auroc = next(r for r in services.ok_runs(results) if r["method"] == best)["metrics"]["image_auroc"]
+    best_auroc = next(r for r in services.ok_runs(results)
+                      if services.run_name(r) == best)["metrics"]["image_auroc"]
     c1.success(f"Best image AUROC: **{best}** ({best_auroc:.3f}). See where it goes wrong →",
                icon=":material/emoji_events:")
     if c2.button(f"Failures of {best}", type="primary", key="best_failures"):
         nav.go("failures", failures_method=best)
     if c3.button("Heatmaps", key="best_heatmaps"):
         nav.go("heatmaps")
+
+curve = services.labelled_curve(results)
+if curve is not None:
+    st.subheader("Is labelling worth it?")
+    ref = curve["reference"]["image_auroc"]
+    st.caption("Each weakly supervised method trained with K labelled defective images per type, all scored on "
+               f"the same {curve['n_test']} test images (the images labelled for the largest K are left out of "
+               "every evaluation). Bars: 95% bootstrap intervals over those images. "
+               + (f"Dashed: **{ref['method']}**, the best unsupervised method of this run, which uses no labels."
+                  if ref else "No unsupervised method ran: add one to see what the labels add."))
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(plots.labelled_curve_figure(curve["ks"], curve["weak"], ref), width="stretch",
+                    key="k_curve")
+    if curve["has_pixel"]:
+        c2.plotly_chart(plots.labelled_curve_figure(curve["ks"], curve["weak"], curve["reference"]["pixel_auroc"],
+                                                    metric="pixel_auroc", y_title="pixel AUROC",
+                                                    title="Pixel AUROC against labelled anomalies K"),
+                        width="stretch", key="k_curve_pixel")
+        c2.caption("Pixel AUROC has no interval (the bootstrap resamples image scores).")
+    else:
+        c2.info("No pixel AUROC: the dataset has no masks, or no method produced maps.")
+    for method, points in curve["weak"].items():
+        for p in points:
+            if p["status"] != "ok":
+                st.caption(f":orange[{method} at K = {p['k']}: {p['error']}]")
 
 df = services.metrics_table(results)
 st.subheader("Metrics")
@@ -37,6 +67,9 @@ st.caption("Click a column header to sort. AUROC 1.0 = every defective image sco
            "test set is too small to tell the methods apart.")
 num = {c: st.column_config.NumberColumn(c, format="%.3f") for c in
        ("image AUROC", "image AP", "F1-max", "pixel AUROC", "AUPRO")}
+num["F1-max"] = st.column_config.NumberColumn(
+    "F1-max", format="%.3f", help="Image-level F1 at the best threshold over all thresholds (chosen on these test "
+                                  "images: an upper bound for a threshold set in advance)")
 num.update({c: st.column_config.NumberColumn(c, format="%.2f") for c in ("fit s", "predict s", "images/s")})
 num["peak MB"] = st.column_config.NumberColumn("peak MB", format="%.0f")
 st.dataframe(df, hide_index=True, width="stretch", column_config=num)

@@ -31,14 +31,14 @@ st.dataframe(services.confusion_table(results, thr), hide_index=True, width="str
                             "recall": st.column_config.NumberColumn(format="%.2f"),
                             "FPR": st.column_config.NumberColumn(format="%.2f")})
 
-names = [r["method"] for r in runs]
+names = [services.run_name(r) for r in runs]
 want = st.session_state.pop("failures_method", None) or services.best_method(results)
 if want in names:
     st.session_state["failures_select"] = want
 if st.session_state.get("failures_select") not in names:
     st.session_state["failures_select"] = names[0]
 method = st.selectbox("Method", names, key="failures_select")
-run = next(r for r in runs if r["method"] == method)
+run = next(r for r in runs if services.run_name(r) == method)
 st.plotly_chart(plots.score_figure([i["score"] for i in run["images"]], [i["label"] for i in run["images"]],
                                    thr.get(method), method), width="stretch", key="scores")
 

@@ -1,4 +1,5 @@
-"""Train page: pick methods by family and options, run them in the background with live progress."""
+"""Train page: pick methods by family and options, run them in the background with live progress; "Is labelling
+worth it?" runs the picked weakly supervised methods at several K beside the best unsupervised one."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ with st.container(border=True):
             too_big = str(e)
     job = services.job_manager().get(sid)
     running = job is not None and job.active
-    b1, b2, _ = st.columns([1.3, 1, 3])
+    b1, b2, b3, _ = st.columns([1.3, 1, 1.6, 1.4])
     if b1.button(f"Train {len(picked)} method(s)", type="primary",
                  disabled=running or problem is not None or too_big is not None,
                  key="train_button", icon=":material/play_arrow:"):
@@ -76,6 +77,24 @@ with st.container(border=True):
     if running and b2.button("Cancel", key="cancel_button", icon=":material/stop:"):
         services.job_manager().cancel(sid)
         st.rerun()
+    if weak_picked:
+        plan = services.curve_plan(info.path, picked, services.latest_results(info.digest))
+        ref = f" and `{plan.reference}` once as the unsupervised reference" if plan.reference else ""
+        if b3.button("Is labelling worth it?", key="curve_button", icon=":material/show_chart:",
+                     disabled=running or plan.problem is not None,
+                     help=f"Runs {', '.join(f'`{m}`' for m in plan.weak)} at K = "
+                          f"{', '.join(map(str, plan.ks))} labelled defects per type{ref}, all scored on the same "
+                          "test images; Compare then draws AUROC against K."):
+            try:
+                services.start_curve(sid, info.path, plan, image_size=image_size, backbone=backbone, preset=preset)
+            except services.UserError as e:
+                st.error(str(e))
+            else:
+                st.rerun()
+        if plan.problem and not running:
+            st.caption(f":orange[{plan.problem}]")
+        elif plan.note and not running:
+            st.caption(f"Is labelling worth it? K = {', '.join(map(str, plan.ks))}: {plan.note}.")
     if problem and not running:
         st.warning(problem)
     if too_big and not running:

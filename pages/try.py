@@ -89,7 +89,7 @@ st.divider()
 st.subheader("Download a model")
 st.caption("The fitted method with its thresholds (tensors + JSON, no pickle). Score images with it anywhere: "
            "`adlab predict adlab-model-NAME.zip IMAGES... --threshold f1 --out OUT`.")
-names = [r["method"] for r in runs if services_try.has_model(results, r["method"])]
+names = [services.run_name(r) for r in runs if services_try.has_model(results, services.run_name(r))]
 if not names:
     st.info("No trained method kept its model yet: train on **Train** to get one.")
 else:

@@ -13,6 +13,7 @@ One module per concern (the page that mostly uses it in brackets):
   (`engine.worker`) by default, on a Ray cluster when ``ADLAB_RAY_ADDRESS`` is set, or in a thread for tests.
 - `results`: the stored results of each dataset, written atomically as each method finishes, so a browser refresh
   or a second tab sees them (every results page).
+- `curve`: the labelled-anomaly curve (Compare) and the "Is labelling worth it?" run (Train).
 - `analysis`: metrics table with intervals, curves, per-defect table, thresholds, failure cases (Compare,
   Failures, Learn).
 - `heatmaps`: stored anomaly maps and the Heatmaps page's panels.
@@ -52,6 +53,7 @@ from dashboard.services.common import (
     UserError,
     _user_error,
 )
+from dashboard.services.curve import CurvePlan, curve_plan, labelled_curve, start_curve
 from dashboard.services.data import (
     DataInfo,
     counts_table,
@@ -80,17 +82,25 @@ from dashboard.services.methods import (
     methods_by_family,
     weights_source,
 )
-from dashboard.services.results import clear_results, latest_results, ok_runs, results_json, run_notes_text
+from dashboard.services.results import (
+    clear_results,
+    latest_results,
+    ok_runs,
+    results_json,
+    run_name,
+    run_notes_text,
+)
 
 __all__ = [
-    "BACKBONES", "DEFAULT_OPACITY", "IMAGE_SIZES", "JOB_ISOLATION", "MAX_CONCURRENT_JOBS", "MAX_UPLOAD_MB", "ROOT",
-    "SAMPLE_ROOT", "UPLOAD_LIMITS", "DataInfo", "DataProblems", "Job", "JobManager", "MethodProgress", "UserError",
-    "_user_error", "auroc_ci", "base_rate", "best_method", "check_config", "clear_results", "confusion_table",
-    "counts_table", "csv_bytes", "curves", "dataset_info", "default_dataset_path", "default_image_size",
-    "default_methods", "device_name", "disagreements", "estimate_run", "estimate_text", "failures", "families",
-    "family_results", "heatmap_panels", "job_manager", "job_view", "latest_results", "metrics_table", "method_info",
-    "method_maps", "methods_by_family", "ok_runs", "open_server_dataset", "per_defect", "results_json",
-    "run_estimate", "run_notes_text", "sample_categories", "sample_path", "save_upload", "server_datasets",
-    "server_roots", "speed_points", "start_run", "test_image", "test_images", "thresholds", "thumbnails",
-    "upload_limits_text", "weights_source",
+    "BACKBONES", "CurvePlan", "DEFAULT_OPACITY", "IMAGE_SIZES", "JOB_ISOLATION", "MAX_CONCURRENT_JOBS",
+    "MAX_UPLOAD_MB", "ROOT", "SAMPLE_ROOT", "UPLOAD_LIMITS", "DataInfo", "DataProblems", "Job", "JobManager",
+    "MethodProgress", "UserError", "_user_error", "auroc_ci", "base_rate", "best_method", "check_config",
+    "clear_results", "confusion_table", "counts_table", "csv_bytes", "curve_plan", "curves", "dataset_info",
+    "default_dataset_path", "default_image_size", "default_methods", "device_name", "disagreements", "estimate_run",
+    "estimate_text", "failures", "families", "family_results", "heatmap_panels", "job_manager", "labelled_curve",
+    "job_view", "latest_results", "metrics_table", "method_info", "method_maps", "methods_by_family", "ok_runs",
+    "open_server_dataset", "per_defect", "results_json", "run_estimate", "run_name", "run_notes_text",
+    "sample_categories", "sample_path", "save_upload", "server_datasets", "server_roots", "speed_points",
+    "start_curve", "start_run", "test_image", "test_images", "thresholds", "thumbnails", "upload_limits_text",
+    "weights_source",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dashboard.services.results import ok_runs, run_notes_text
+from dashboard.services.results import ok_runs, run_name, run_notes_text
 from engine import metrics as em
 from engine import registry
 
@@ -37,7 +37,7 @@ def metrics_table(results: dict[str, Any] | None) -> pd.DataFrame:
         t = r.get("timing") or {}
         ci = auroc_ci(r) if r.get("status") == "ok" else None
         rows.append({
-            "method": r["method"], "family": registry.FAMILIES.get(r.get("family", ""), r.get("family")),
+            "method": run_name(r), "family": registry.FAMILIES.get(r.get("family", ""), r.get("family")),
             "status": r["status"] + (" (cached)" if r.get("cached") else ""),
             "image AUROC": m.get("image_auroc"),
             "AUROC 95% CI": f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else None,
@@ -61,10 +61,10 @@ def curves(results: dict[str, Any] | None, kind: str) -> list[tuple[str, list[fl
             continue
         m = r.get("metrics") or {}
         if kind == "pr":
-            out.append((r["method"], c["recall"], c["precision"], m.get("image_ap")))
+            out.append((run_name(r), c["recall"], c["precision"], m.get("image_ap")))
         else:
             area = m.get("pixel_auroc" if kind == "pixel_roc" else "image_auroc")
-            out.append((r["method"], c["fpr"], c["tpr"], area))
+            out.append((run_name(r), c["fpr"], c["tpr"], area))
     return out
 
 
@@ -82,7 +82,7 @@ def per_defect(results: dict[str, Any] | None) -> tuple[list[str], list[str], li
     runs = ok_runs(results)
     types = sorted({t for r in runs for t in ((r.get("metrics") or {}).get("per_defect") or {})})
     vals = [[(((r["metrics"].get("per_defect") or {}).get(t)) or {}).get("image_auroc") for t in types] for r in runs]
-    return [r["method"] for r in runs], types, vals
+    return [run_name(r) for r in runs], types, vals
 
 
 def speed_points(results: dict[str, Any] | None) -> tuple[list[str], list[float], list[float]]:
@@ -92,7 +92,7 @@ def speed_points(results: dict[str, Any] | None) -> tuple[list[str], list[float]
         s = (r.get("timing") or {}).get("images_per_s")
         a = (r.get("metrics") or {}).get("image_auroc")
         if s is not None and a is not None:
-            ms.append(r["method"])
+            ms.append(run_name(r))
             xs.append(float(s))
             ys.append(float(a))
     return ms, xs, ys
@@ -108,7 +108,7 @@ def best_method(results: dict[str, Any] | None) -> str | None:
 
 
 def _run_of(results: dict[str, Any] | None, method: str) -> dict[str, Any] | None:
-    return next((r for r in ok_runs(results) if r["method"] == method), None)
+    return next((r for r in ok_runs(results) if run_name(r) == method), None)
 
 
 
@@ -119,10 +119,10 @@ def thresholds(results: dict[str, Any] | None, mode: str = "f1", max_fpr: float 
     out: dict[str, float | None] = {}
     for r in ok_runs(results):
         if mode == "f1":
-            out[r["method"]] = (r.get("metrics") or {}).get("threshold")
+            out[run_name(r)] = (r.get("metrics") or {}).get("threshold")
         else:
             good = [i["score"] for i in r.get("images", []) if i["label"] == 0]
-            out[r["method"]] = em.threshold_at_fpr(np.asarray(good), max_fpr) if good else None
+            out[run_name(r)] = em.threshold_at_fpr(np.asarray(good), max_fpr) if good else None
     return out
 
 
@@ -130,13 +130,13 @@ def confusion_table(results: dict[str, Any] | None, thr: dict[str, float | None]
     """Per method at its threshold: caught defects, missed defects, false alarms, and the rates."""
     rows = []
     for r in ok_runs(results):
-        t = thr.get(r["method"])
+        t = thr.get(run_name(r))
         if t is None:
             continue
         s = np.asarray([i["score"] for i in r["images"]])
         y = np.asarray([i["label"] for i in r["images"]])
         c = em.confusion_at(s, y, t)
-        rows.append({"method": r["method"], "threshold": t, "defects caught": c["tp"], "missed (FN)": c["fn"],
+        rows.append({"method": run_name(r), "threshold": t, "defects caught": c["tp"], "missed (FN)": c["fn"],
                      "false alarms (FP)": c["fp"], "good passed": c["tn"], "recall": c["tpr"], "FPR": c["fpr"]})
     return pd.DataFrame(rows)
 
@@ -164,18 +164,18 @@ def failures(results: dict[str, Any] | None, method: str, threshold: float | Non
 def disagreements(results: dict[str, Any] | None, thr: dict[str, float | None], top: int = 8) -> list[dict[str, Any]]:
     """Images where the methods' verdicts split most evenly (ties broken by how far apart their normalised
     scores are). Each item: path, name, defect_type, label, verdicts {method: bool flagged}, n_wrong."""
-    runs = [r for r in ok_runs(results) if thr.get(r["method"]) is not None]
+    runs = [r for r in ok_runs(results) if thr.get(run_name(r)) is not None]
     if len(runs) < 2:
         return []
     per_path: dict[str, dict[str, Any]] = {}
     for r in runs:
         s = np.asarray([i["score"] for i in r["images"]])
         spread = float(np.std(s)) or 1.0
-        t = thr[r["method"]]
+        t = thr[run_name(r)]
         for i in r["images"]:
             d = per_path.setdefault(i["path"], {"path": i["path"], "name": _short(i["path"]), "label": i["label"],
                                                 "defect_type": i["defect_type"], "verdicts": {}, "z": []})
-            d["verdicts"][r["method"]] = bool(i["score"] >= t)
+            d["verdicts"][run_name(r)] = bool(i["score"] >= t)
             d["z"].append((i["score"] - t) / spread)
     items = []
     for d in per_path.values():

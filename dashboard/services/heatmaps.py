@@ -10,7 +10,7 @@ import numpy as np
 from dashboard.services.analysis import thresholds
 from dashboard.services.common import UserError, _user_error
 from dashboard.services.data import _dataset
-from dashboard.services.results import ok_runs
+from dashboard.services.results import ok_runs, run_name
 from engine.heatmap import DEFAULT_OPACITY  # noqa: F401 - the pages' default map opacity, as adlab predict draws
 from engine.runner import load_images, load_prediction
 
@@ -80,8 +80,8 @@ def heatmap_panels(results: dict[str, Any], path: str, *, colour: str = "per_met
     for r in runs:
         m, note = method_maps(r)
         if m is not None:
-            maps[r["method"]] = m
-        notes[r["method"]] = note
+            maps[run_name(r)] = m
+        notes[run_name(r)] = note
     ranges = vi.colour_ranges(maps, colour) if maps else {}
     label = None
     panels = []
@@ -92,14 +92,14 @@ def heatmap_panels(results: dict[str, Any], path: str, *, colour: str = "per_met
         row = paths.index(path)
         item = r["images"][row]
         label = item["label"]
-        t = thr.get(r["method"])
+        t = thr.get(run_name(r))
         flagged = None if t is None else bool(item["score"] >= t)
         overlay = None
-        if r["method"] in maps:
-            lo, hi = ranges[r["method"]]
-            overlay = vi.heat_overlay(image, maps[r["method"]][row], lo, hi, opacity)
-        panels.append({"method": r["method"], "family": r.get("family"), "overlay": overlay,
-                       "note": notes[r["method"]], "score": item["score"], "threshold": t, "flagged": flagged,
+        if run_name(r) in maps:
+            lo, hi = ranges[run_name(r)]
+            overlay = vi.heat_overlay(image, maps[run_name(r)][row], lo, hi, opacity)
+        panels.append({"method": run_name(r), "family": r.get("family"), "overlay": overlay,
+                       "note": notes[run_name(r)], "score": item["score"], "threshold": t, "flagged": flagged,
                        "correct": None if flagged is None else flagged == bool(item["label"])})
     return {"image": image, "mask_overlay": vi.overlay_mask(image, mask) if mask is not None else None,
             "has_mask": mask is not None, "label": label, "panels": panels, "colour_bar": vi.colour_bar()}

@@ -21,11 +21,11 @@ from dashboard.services.common import (
 )
 from dashboard.services.data import _dataset, dataset_info
 from dashboard.services.methods import check_config, estimate_run, estimate_text
-from dashboard.services.results import _persist, run_notes_text
+from dashboard.services.results import _persist, run_name, run_notes_text
 from engine.api import DataValidationError
 from engine.data import cache_root
 from engine.executors import run_on_ray
-from engine.runner import Cancelled, RunConfig, run_methods
+from engine.runner import Cancelled, RunConfig, run_labels, run_methods
 from engine.worker import WorkerDied, WorkerStats, run_in_worker
 
 _STAGE_SPAN = {"loading": (0.0, 0.05), "features (train)": (0.05, 0.35), "features (test)": (0.35, 0.5),
@@ -117,7 +117,7 @@ class JobManager:
             if old is not None and old.active:
                 raise UserError("A run is already going for this session: wait for it or cancel it.")
             job = Job(session=session, dataset_path=dataset_path, digest=info.digest, config=config)
-            job.progress = {m: MethodProgress() for m in config.methods}
+            job.progress = {name: MethodProgress() for name in run_labels(config)}
             self._jobs[session] = job
             self._queue.append(job.id)
         threading.Thread(target=self._work, args=(job,), name=f"adlab-job-{job.id}", daemon=True).start()
@@ -211,12 +211,12 @@ class JobManager:
             _persist(job, results["runs"], header=results)
             job.state = "done"
         except Cancelled:
-            job.error = (f"cancelled by the user: {len(job.records)} of {len(cfg.methods)} method(s) had finished "
+            job.error = (f"cancelled by the user: {len(job.records)} of {len(job.progress)} method(s) had finished "
                          "and are kept")
             job.state = "cancelled"
         except WorkerDied as e:
             ok = sum(r.get("status") == "ok" for r in job.records)
-            job.error = f"{e} ({ok} of {len(cfg.methods)} method(s) had finished and are kept)"
+            job.error = f"{e} ({ok} of {len(job.progress)} method(s) had finished and are kept)"
             job.state = "failed"
         except Exception as e:  # noqa: BLE001 - the page shows the message
             job.error = str(_user_error(e)) if not isinstance(e, DataValidationError) else str(e)
@@ -229,14 +229,15 @@ def job_manager() -> JobManager:
     return JobManager(MAX_CONCURRENT_JOBS)
 
 
-def _page_config(methods: list[str], image_size: int, backbone: str, preset: str, labeled_anomalies: int
-                 ) -> RunConfig:
+def _page_config(methods: list[str], image_size: int, backbone: str, preset: str,
+                 labeled_anomalies: int | list[int]) -> RunConfig:
+    k = int(labeled_anomalies) if isinstance(labeled_anomalies, int) else [int(x) for x in labeled_anomalies]
     return RunConfig(methods=list(methods), image_size=int(image_size), backbone=backbone, preset=preset,
-                     labeled_anomalies=int(labeled_anomalies), keep_models=True)  # the Try page scores with them
+                     labeled_anomalies=k, keep_models=True)  # the Try page scores with them
 
 
 def start_run(session: str, dataset_path: str, methods: list[str], *, image_size: int, backbone: str, preset: str,
-              labeled_anomalies: int) -> Job:
+              labeled_anomalies: int | list[int]) -> Job:
     """Queue a training run for this session. Raises UserError with the reason when it cannot start."""
     cfg = _page_config(methods, image_size, backbone, preset, labeled_anomalies)
     return job_manager().submit(session, dataset_path, cfg)
@@ -252,7 +253,7 @@ def run_estimate(dataset_path: str, methods: list[str], *, image_size: int, back
 def job_view(job: Job) -> dict[str, Any]:
     """A snapshot of a job for the page: state, queue position, per-method progress rows, error."""
     rows = []
-    done = {r["method"]: r for r in job.records}
+    done = {run_name(r): r for r in job.records}
     for m, p in list(job.progress.items()):
         rec = done.get(m)
         status = "waiting" if p.stage.startswith("waiting") else "running"

@@ -10,7 +10,7 @@ from engine import estimates, registry
 from engine.api import AdlabError
 from engine.backbones import weights_description
 from engine.device import resolve_device
-from engine.runner import RunConfig, method_params
+from engine.runner import RunConfig, k_values, method_params, run_plan
 
 
 def families() -> dict[str, str]:
@@ -56,12 +56,16 @@ def default_image_size(info: DataInfo) -> int:
     return max([s for s in IMAGE_SIZES if s <= info.working_size] or [IMAGE_SIZES[0]])
 
 
-def check_config(methods: list[str], labeled_anomalies: int) -> str | None:
-    """A message when the selection cannot run (nothing picked, weakly supervised with K = 0), else None."""
+def check_config(methods: list[str], labeled_anomalies: int | list[int]) -> str | None:
+    """A message when the selection cannot run (nothing picked, weakly supervised with K = 0 only), else None."""
     if not methods:
         return "Pick at least one method."
+    try:
+        top = max(k_values(labeled_anomalies))
+    except AdlabError as e:
+        return str(e)
     weak = [m for m in methods if method_info(m)["supervision"] == "weak"]
-    if weak and labeled_anomalies <= 0:
+    if weak and top <= 0:
         return (f"{', '.join(weak)} learn from a few labelled defects: set “labelled anomalies K” to 1 or more "
                 "(K defective test images per type move into training), or unselect them.")
     return None
@@ -72,7 +76,9 @@ def estimate_run(dataset_path: str, cfg: RunConfig) -> estimates.JobEstimate:
     info = dataset_info(dataset_path)
     size = int(cfg.image_size or info.working_size)
     try:
-        methods = [(m, method_params(m, cfg), bool(registry.info(m).trained)) for m in cfg.methods]
+        # one entry per run: a weakly supervised method runs once per K of a labelled-anomaly curve
+        methods = [(m, method_params(m, cfg), bool(registry.info(m).trained)) for m, k in run_plan(cfg)
+                   if k is None or k > 0]  # a weak method at K = 0 fails at once: nothing to estimate
         return estimates.estimate_job(methods, n_train=info.n_train, n_test=info.n_test, image_size=size,
                                       preset=cfg.preset, device=resolve_device(cfg.device))
     except (AdlabError, ValueError) as e:

@@ -132,7 +132,7 @@ def _misses_section(results: dict[str, Any], worst: int) -> str:
            "method's anomaly map (its own colour range).</p>"]
     image_cache: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     for r in services.ok_runs(results):
-        m = r["method"]
+        m = services.run_name(r)
         fps, fns = services.failures(results, m, thr.get(m))
         misses = sorted(fps + fns, key=lambda i: -i["margin"])[:worst]
         out.append(f"<h3>{_esc(m)}</h3>")

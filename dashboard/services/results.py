@@ -13,7 +13,7 @@ from dashboard.services.data import _dataset
 from engine.cache import atomic_write
 from engine.data import cache_root
 from engine.device import resolve_device
-from engine.runner import RunConfig
+from engine.runner import RunConfig, k_values
 
 if TYPE_CHECKING:
     from dashboard.services.jobs import Job
@@ -27,13 +27,23 @@ def _results_file(digest: str) -> Path:
 
 
 def _config_of(cfg: RunConfig) -> dict[str, Any]:
-    return {"image_size": cfg.image_size, "device": resolve_device(cfg.device), "backbone": cfg.backbone,
-            "weights": cfg.weights, "preset": cfg.preset, "labeled_anomalies": cfg.labeled_anomalies,
-            "seed": cfg.seed}
+    """The results' config as the engine writes it: labeled_anomalies the held-back K, plus the K list when
+    the job ran several (the labelled-anomaly curve)."""
+    ks = k_values(cfg.labeled_anomalies)
+    out = {"image_size": cfg.image_size, "device": resolve_device(cfg.device), "backbone": cfg.backbone,
+           "weights": cfg.weights, "preset": cfg.preset, "labeled_anomalies": max(ks), "seed": cfg.seed}
+    if len(ks) > 1:
+        out["labeled_anomalies_ks"] = ks
+    return out
+
+
+def run_name(run: dict[str, Any]) -> str:
+    """How the pages name a run: its method, with its K when the results hold several K ("devnet · K=3")."""
+    return run.get("label") or run["method"]
 
 
 def _persist(job: Job, runs: list[dict[str, Any]], header: dict[str, Any] | None = None) -> None:
-    """Merge `runs` into the stored results of the job's dataset (same config: replace by method; else start anew)."""
+    """Merge `runs` into the stored results of the job's dataset (same config: replace by run name; else start anew)."""
     ds = _dataset(job.dataset_path)
     config = _config_of(job.config)
     with _res_lock:
@@ -50,12 +60,12 @@ def _persist(job: Job, runs: list[dict[str, Any]], header: dict[str, Any] | None
                                "n_test": None, "defect_types": ds.defect_types, "warnings": list(ds.warnings)},
                    "config": config}
         new["dataset"]["source"] = job.dataset_path
-        by_method = {r["method"]: r for r in (base or {}).get("runs", [])}
+        by_name = {run_name(r): r for r in (base or {}).get("runs", [])}
         for r in runs:
-            by_method[r["method"]] = r
-        order = [r["method"] for r in (base or {}).get("runs", [])]
-        order += [r["method"] for r in runs if r["method"] not in order]
-        new["runs"] = [by_method[m] for m in order]
+            by_name[run_name(r)] = r
+        order = [run_name(r) for r in (base or {}).get("runs", [])]
+        order += [run_name(r) for r in runs if run_name(r) not in order]
+        new["runs"] = [by_name[m] for m in order]
         new["updated"] = time.time()
         atomic_write(_results_file(job.digest), json.dumps(new, indent=1).encode())
 

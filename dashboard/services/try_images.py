@@ -21,7 +21,7 @@ import numpy as np
 
 from dashboard.services.common import MAX_UPLOAD_MB, UPLOAD_LIMITS, DataProblems, UserError, _user_error
 from dashboard.services.heatmaps import method_maps
-from dashboard.services.results import ok_runs
+from dashboard.services.results import ok_runs, run_name
 from engine import saved_models
 from engine.data.inputs import InputImage, collect_images
 from engine.heatmap import DEFAULT_OPACITY
@@ -130,9 +130,9 @@ def try_images(results: dict[str, Any] | None, images: list[dict[str, str]], thr
     for run in ok_runs(results):
         model = _model(run, results)
         if model is None:
-            out["missing"][run["method"]] = NO_MODEL
+            out["missing"][run_name(run)] = NO_MODEL
             continue
-        per_method[run["method"]] = (model, _scored(model, images))
+        per_method[run_name(run)] = (model, _scored(model, images))
     for k, img in enumerate(images):
         panels, row = [], {"image": img["name"]}
         first: np.ndarray | None = None
@@ -155,14 +155,14 @@ def try_images(results: dict[str, Any] | None, images: list[dict[str, str]], thr
 
 def has_model(results: dict[str, Any] | None, method: str) -> bool:
     """Whether the run of `method` kept its fitted model (so it can score images and be downloaded)."""
-    run = next((r for r in ok_runs(results) if r["method"] == method), None)
+    run = next((r for r in ok_runs(results) if run_name(r) == method), None)
     return run is not None and saved_models.cached_model_dir(run) is not None
 
 
 def model_zip(results: dict[str, Any], method: str) -> bytes:
     """The saved model of one method (engine.saved_models format, the layout of `adlab run --save-models`) as a
     zip: `adlab predict model.zip IMAGES... --out OUT` takes it as is."""
-    run = next((r for r in ok_runs(results) if r["method"] == method), None)
+    run = next((r for r in ok_runs(results) if run_name(r) == method), None)
     source = saved_models.cached_model_dir(run) if run is not None else None
     if run is None or source is None:
         raise UserError(f"{method}: {NO_MODEL}")

@@ -134,3 +134,42 @@ def score_figure(scores: Sequence[float], labels: Sequence[int], threshold: floa
     _layout(fig, f"{method}: score of every test image", "anomaly score (higher = more anomalous)", "", height=240)
     fig.update_layout(legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.02, "yanchor": "bottom"})
     return fig
+
+
+def labelled_curve_figure(ks: Sequence[int], series: dict[str, list[dict]], reference: dict | None,
+                          metric: str = "image_auroc", title: str = "Image AUROC against labelled anomalies K",
+                          y_title: str = "image AUROC") -> go.Figure:
+    """One line per weakly supervised method: `metric` against K, error bars from each point's ``<metric>_ci``
+    when present; the reference (best unsupervised method, ``{"method", "value", "ci"}``) as a flat line with its
+    interval as a band. Points whose value is None (a failed run, e.g. K = 0) are left out of their line."""
+    fig = go.Figure()
+    lo_k, hi_k = (min(ks), max(ks)) if ks else (0, 1)
+    if reference is not None:
+        ci = reference.get("ci")
+        if ci:
+            fig.add_trace(go.Scatter(x=[lo_k, hi_k, hi_k, lo_k], y=[ci[0], ci[0], ci[1], ci[1]], fill="toself",
+                                     fillcolor="rgba(120,120,120,0.15)", line={"width": 0}, hoverinfo="skip",
+                                     name="its 95% interval"))
+        fig.add_trace(go.Scatter(x=[lo_k, hi_k], y=[reference["value"]] * 2, mode="lines",
+                                 line={"dash": "dash", "color": "#444", "width": 2},
+                                 name=f"{reference['method']}, unsupervised ({_fmt(reference['value'])})",
+                                 hovertemplate=f"{reference['method']}: %{{y:.3f}}<extra>no labels</extra>"))
+    for i, (method, points) in enumerate(series.items()):
+        pts = [p for p in points if p.get(metric) is not None]
+        if not pts:
+            continue
+        cis = [p.get(f"{metric}_ci") for p in pts]
+        err = None
+        if any(cis):
+            err = {"type": "data", "symmetric": False, "thickness": 1.5, "width": 5,
+                   "array": [(c[1] - p[metric]) if c else 0 for c, p in zip(cis, pts, strict=True)],
+                   "arrayminus": [(p[metric] - c[0]) if c else 0 for c, p in zip(cis, pts, strict=True)]}
+        fig.add_trace(go.Scatter(x=[p["k"] for p in pts], y=[p[metric] for p in pts], mode="lines+markers",
+                                 line={"color": colour_of(i), "width": 2}, marker={"size": 8}, error_y=err,
+                                 name=method, hovertemplate="K = %{x}<br>" + y_title + " %{y:.3f}<extra>" + method
+                                 + "</extra>"))
+    fig.update_xaxes(tickmode="array", tickvals=list(ks), type="linear")
+    fig.update_yaxes(range=[0, 1.02])
+    fig = _layout(fig, title, "labelled anomalies per defect type (K)", y_title)
+    fig.update_layout(legend={"x": 0.01, "xanchor": "left", "y": 0.02, "yanchor": "bottom"})
+    return fig
