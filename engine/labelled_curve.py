@@ -97,23 +97,25 @@ def labelled_curve(results: Mapping[str, Any] | None, *, n_boot: int = 500, seed
 def capped_ks(anomalies_per_type: Mapping[str, int], wanted: Iterable[int] = CURVE_KS) -> tuple[list[int], str | None]:
     """The K of `wanted` a dataset can give, and a note when it caps them (None when it does not).
 
-    K takes min(K, n - 1) anomalous images of a type with n (one always stays for evaluation), so a K above the
-    largest n - 1 repeats that one: such K are replaced by it. With no type of two or more anomalous images no K
-    above 0 exists and the list is [0] (the note says why).
+    K stops at half the anomalous test images of the largest defect type, so that type keeps at least as many
+    images for evaluation as it gives for training (the runner itself only keeps one of each type back, which
+    would leave an AUROC on a handful of defects); larger K are replaced by that one. A type with fewer images
+    gives min(K, n - 1) (the note names it). With no type of two or more anomalous images the list is [0].
     """
     wanted = sorted(set(wanted))
-    top = max((n - 1 for n in anomalies_per_type.values()), default=0)
+    top = max((n // 2 for n in anomalies_per_type.values()), default=0)
     if top < 1:
         return [0], ("no defect type has two or more anomalous test images: none can be moved into training while "
                      "one stays for evaluation, so there is no curve to draw on this dataset")
     ks = sorted({min(k, top) for k in wanted})
     note = None
     if top < max(wanted):
-        note = (f"the largest defect type has {top + 1} anomalous test images and one must stay for evaluation, "
-                f"so K stops at {top} (asked: {', '.join(map(str, wanted))})")
-    small = sorted(t for t, n in anomalies_per_type.items() if 0 < n - 1 < max(ks))
+        note = (f"the largest defect type has {max(anomalies_per_type.values())} anomalous test "
+                f"images, so K stops at {top} to keep at least as many for evaluation as for training (asked: "
+                f"{', '.join(map(str, wanted))})")
+    small = sorted(t for t, n in anomalies_per_type.items() if 0 < n // 2 < max(ks))
     if small:
-        extra = (f"{', '.join(small)} give fewer than {max(ks)} labelled images each (one of each type stays for "
-                 "evaluation)")
+        extra = (f"{', '.join(small)} have fewer than {2 * max(ks)} defective images: at K = {max(ks)} they keep "
+                 "fewer for evaluation than they give for training (at least one stays)")
         note = f"{note}; {extra}" if note else extra
     return ks, note

@@ -172,3 +172,36 @@ def test_killed_worker_in_browser(dashboard: tuple[str, subprocess.Popen]) -> No
             assert not _workers_of(proc.pid)
         finally:
             browser.close()
+
+
+def test_labelled_anomaly_curve_in_browser(server: str) -> None:
+    """"Is labelling worth it?" on the sample gravel: DevNet at K = 0, 1, 3 (the sample has 6 defective images
+    per type) beside PatchCore; Compare draws AUROC against K. Leaves a screenshot in benchmarks/out/screens."""
+    sync_api = _playwright()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(60_000)
+            page.goto(server)
+            page.locator('[data-testid="stRadio"] label').filter(has_text="gravel").click()
+            page.get_by_text("gravel", exact=False).first.wait_for()
+            page.wait_for_timeout(1000)
+            page.get_by_role("button", name="Next: Train →").click()
+            page.get_by_role("heading", name="Train").wait_for()
+            _select(page, {"devnet", "patchcore"})
+            page.get_by_role("button", name="Is labelling worth it?").click()
+            page.get_by_text("patchcore done").wait_for(timeout=300_000)
+            assert page.get_by_text("devnet · K=3 done").count() >= 1
+            assert page.get_by_text("devnet · K=0 failed").count() >= 1
+            page.get_by_role("button", name="Next: compare the results →").click()
+            page.get_by_role("heading", name="Is labelling worth it?").wait_for()
+            page.get_by_text("Image AUROC against labelled anomalies K").first.wait_for()
+            page.get_by_text("Pixel AUROC against labelled anomalies K").first.wait_for()
+            assert page.get_by_text("patchcore, unsupervised").count() >= 1
+            shots = ROOT / "benchmarks" / "out" / "screens"
+            shots.mkdir(parents=True, exist_ok=True)
+            page.wait_for_timeout(1500)  # let plotly finish drawing
+            page.screenshot(path=str(shots / "labelled_curve.png"), full_page=True)
+        finally:
+            browser.close()

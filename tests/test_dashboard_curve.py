@@ -98,7 +98,7 @@ def test_curve_plan_caps_k_by_the_anomalies_there_are() -> None:
 
     plan = services.curve_plan(services.sample_path("gravel"), ["devnet", "padim"], None)
     assert plan.weak == ["devnet"] and plan.reference == "padim" and plan.problem is None
-    assert plan.ks == [0, 1, 3, 5] and "stops at 5" in plan.note  # 6 defective images per type in the sample
+    assert plan.ks == [0, 1, 3] and "stops at 3" in plan.note  # 6 defective images per type in the sample
     assert plan.methods == ["devnet", "padim"]
     none = services.curve_plan(services.sample_path("gravel"), ["padim"], None)
     assert none.problem and "weakly supervised" in none.problem
@@ -126,6 +126,6 @@ def test_train_button_starts_the_curve_run(monkeypatch: pytest.MonkeyPatch) -> N
     button.click().run()
     assert not at.exception, [e.value for e in at.exception]
     (cfg,) = submitted
-    assert cfg.labeled_anomalies == [0, 1, 3, 5]
+    assert cfg.labeled_anomalies == [0, 1, 3]
     assert "devnet" in cfg.methods and len(cfg.methods) == 2  # plus the unsupervised reference
-    assert any("K = 0, 1, 3, 5" in c.value and "stops at 5" in c.value for c in at.caption)
+    assert any("K = 0, 1, 3:" in c.value and "stops at 3" in c.value for c in at.caption)

@@ -157,11 +157,16 @@ def test_reference_is_the_best_unsupervised_run() -> None:
 
 
 def test_capped_ks() -> None:
-    assert capped_ks({"a": 20, "b": 12}) == ([0, 1, 3, 10], None)
+    assert capped_ks({"a": 20, "b": 24}) == ([0, 1, 3, 10], None)
     ks, note = capped_ks({"hole": 6, "scratch": 6})
-    assert ks == [0, 1, 3, 5] and "stops at 5" in note
+    assert ks == [0, 1, 3] and "has 6 anomalous test images, so K stops at 3" in note
+    ks, note = capped_ks({"hole": 9, "scratch": 2})
+    assert ks == [0, 1, 3, 4] and "has 9 anomalous" in note and "scratch have fewer than 8" in note
     ks, note = capped_ks({"a": 20, "b": 3})
-    assert ks == [0, 1, 3, 10] and note is not None and "b give fewer than 10" in note
+    assert ks == [0, 1, 3, 10] and note is not None and note.startswith("b have fewer than 20")
+    assert capped_ks({"a": 2}) == ([0, 1], "the largest defect type has 2 anomalous test images, so K stops at 1 "
+                                           "to keep at least as many for evaluation as for training (asked: 0, 1, 3, "
+                                           "10)")
     ks, note = capped_ks({"a": 1})
     assert ks == [0] and "no curve" in note
 

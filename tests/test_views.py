@@ -122,3 +122,26 @@ def test_every_family_has_learn_text() -> None:
     for fam in FAMILIES:
         t = content.family_text(fam)
         assert t.how and t.strengths and t.failures and t.localisation
+
+
+def test_labelled_curve_figure_lines_bars_and_reference() -> None:
+    from dashboard.views.plots import labelled_curve_figure
+
+    series = {"devnet": [{"k": 0, "image_auroc": None, "image_auroc_ci": None},
+                         {"k": 1, "image_auroc": 0.7, "image_auroc_ci": [0.6, 0.9]},
+                         {"k": 3, "image_auroc": 0.8, "image_auroc_ci": [0.7, 0.85]}],
+              "cavga": [{"k": 1, "image_auroc": 0.5, "image_auroc_ci": None}]}
+    ref = {"method": "patchcore", "value": 0.75, "ci": [0.7, 0.8]}
+    fig = labelled_curve_figure([0, 1, 3], series, ref)
+    by_name = {t.name: t for t in fig.data}
+    d = by_name["devnet"]
+    assert list(d.x) == [1, 3] and list(d.y) == [0.7, 0.8]  # the failed K = 0 is left out
+    assert list(d.error_y.array) == pytest.approx([0.2, 0.05]) and list(d.error_y.arrayminus) == pytest.approx(
+        [0.1, 0.1])
+    assert by_name["cavga"].error_y.array is None  # no interval, no bars
+    line = by_name["patchcore, unsupervised (0.750)"]
+    assert list(line.x) == [0, 3] and list(line.y) == [0.75, 0.75]
+    assert sorted(by_name["patchcore 95% interval"].y) == [0.7, 0.7, 0.8, 0.8]
+    assert list(fig.layout.xaxis.tickvals) == [0, 1, 3]
+    bare = labelled_curve_figure([1, 3], {"devnet": series["devnet"]}, None)
+    assert [t.name for t in bare.data] == ["devnet"]

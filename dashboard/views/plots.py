@@ -148,8 +148,8 @@ def labelled_curve_figure(ks: Sequence[int], series: dict[str, list[dict]], refe
         ci = reference.get("ci")
         if ci:
             fig.add_trace(go.Scatter(x=[lo_k, hi_k, hi_k, lo_k], y=[ci[0], ci[0], ci[1], ci[1]], fill="toself",
-                                     fillcolor="rgba(120,120,120,0.15)", line={"width": 0}, hoverinfo="skip",
-                                     name="its 95% interval"))
+                                     mode="lines", fillcolor="rgba(120,120,120,0.15)", line={"width": 0},
+                                     hoverinfo="skip", name=f"{reference['method']} 95% interval"))
         fig.add_trace(go.Scatter(x=[lo_k, hi_k], y=[reference["value"]] * 2, mode="lines",
                                  line={"dash": "dash", "color": "#444", "width": 2},
                                  name=f"{reference['method']}, unsupervised ({_fmt(reference['value'])})",
