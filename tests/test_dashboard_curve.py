@@ -129,3 +129,28 @@ def test_train_button_starts_the_curve_run(monkeypatch: pytest.MonkeyPatch) -> N
     assert cfg.labeled_anomalies == [0, 1, 3]
     assert "devnet" in cfg.methods and len(cfg.methods) == 2  # plus the unsupervised reference
     assert any("K = 0, 1, 3:" in c.value and "stops at 3" in c.value for c in at.caption)
+
+
+def test_report_reads_a_curve_run(gravel_curve: dict) -> None:
+    from dashboard.services import report
+
+    html = report.results_report(gravel_curve, worst=1)
+    assert "devnet · K=3" in html and "devnet · K=1" in html and "patchcore" in html
+
+
+def test_benchmark_keeps_each_k_apart() -> None:
+    from dashboard.services import benchmark
+
+    def unit(label: str | None, k: int | None, seed: int, auroc: float) -> dict:
+        method = "devnet" if k is not None else "patchcore"
+        return {"dataset": "mt", "method": method, "label": label or method, "labeled_k": k, "seed": seed,
+                "params": {}, "status": "ok", "error": None, "metrics": {"image_auroc": auroc}, "timing": {},
+                "family": "weakly_supervised" if k is not None else "memory_bank"}
+
+    doc = {"units": [unit("devnet · K=1", 1, 0, 0.6), unit("devnet · K=1", 1, 1, 0.8),
+                     unit("devnet · K=3", 3, 0, 0.9), unit("devnet · K=3", 3, 1, 0.9),
+                     unit(None, None, 0, 0.7), unit(None, None, 1, 0.7)]}
+    s = benchmark.summary(doc).set_index("method")
+    assert s.loc["devnet · K=1", "mean"] == pytest.approx(0.7) and s.loc["devnet · K=3", "mean"] == pytest.approx(0.9)
+    assert s.loc["devnet · K=3", "family"] == "weakly_supervised" and s.loc["patchcore", "n"] == 2
+    assert list(benchmark.table(doc).columns) == ["dataset", "devnet · K=1", "devnet · K=3", "patchcore"]

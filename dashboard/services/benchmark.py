@@ -114,7 +114,9 @@ def units_frame(doc: dict[str, Any]) -> pd.DataFrame:
     for u in doc.get("units", []):
         m = u.get("metrics") or {}
         t = u.get("timing") or {}
-        rows.append({"dataset": u["dataset"], "method": u["method"], "family": u.get("family") or _family(u["method"]),
+        # "method" names the run: "devnet · K=3" in a sweep over several K, so each K is its own column
+        rows.append({"dataset": u["dataset"], "method": u.get("label") or u["method"],
+                     "family": u.get("family") or _family(u["method"]),
                      "seed": u["seed"], "status": u["status"], **{k: m.get(k) for k in METRICS},
                      "fit_s": t.get("fit_s"), "predict_s": t.get("predict_s"), "images_per_s": t.get("images_per_s"),
                      "error": u.get("error")})
@@ -145,7 +147,8 @@ def summary(doc: dict[str, Any], metric: str = "image_auroc") -> pd.DataFrame:
     failed = df[df["status"] != "ok"].groupby(["dataset", "method"]).size().rename("failed").reset_index()
     out = out.merge(failed, on=["dataset", "method"], how="outer").fillna({"n": 0, "failed": 0})
     out[["n", "failed"]] = out[["n", "failed"]].astype(int)
-    out["family"] = out["method"].map(_family)
+    families = dict(zip(df["method"], df["family"], strict=True))
+    out["family"] = out["method"].map(families)
     out["mean ± std"] = [("—" if pd.isna(m) else f"{m:.3f} ± {s:.3f}") for m, s in zip(out["mean"], out["std"],
                                                                                       strict=True)]
     return out[["dataset", "method", "family", "mean", "std", "n", "failed", "mean ± std"]]
