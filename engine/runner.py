@@ -67,11 +67,6 @@ class RunConfig:
         """The K values, sorted and distinct ([K] for a single K)."""
         return k_values(self.labeled_anomalies)
 
-    @property
-    def k_held(self) -> int:
-        """The largest K: it decides which anomalous test images are held back from every evaluation."""
-        return max(self.ks)
-
 
 def k_values(labeled_anomalies: int | Sequence[int]) -> list[int]:
     """K as a sorted list of distinct non-negative ints; ConfigError for an empty list or a negative K."""
