@@ -19,14 +19,15 @@ METHODS = [{'name': 'efficient_ad',
            "on an out-of-distribution image P per step; the autoencoder and the student's second half trained on "
            'colour-augmented images; teacher channel normalisation; 70 000 steps of batch 1, Adam lr 1e-4 (weight '
            'decay 1e-5), ×0.1 after 95 %; maps quantile-normalised (q_a = 0.9 -> 0, q_b = 0.995 -> 0.1) on a '
-           'held-out 10 % of the training images, averaged, zero-padded by 4 cells and resized; score = max of the '
-           "map. Offline: the penalty images are scikit-image's bundled photographs (astronaut, coffee, moon, ...: "
+           'held-out 10 % of the training images, averaged, padded by 4 cells and resized; score = max of the map. '
+           "Offline: the penalty images are scikit-image's bundled photographs (astronaut, coffee, moon, ...: "
            "resized to 2x, greyscale with p = 0.3, centre-cropped, as the paper's ImageNet images) instead of "
            'ImageNet; the teacher cannot be distilled from WideResNet-101 on ImageNet, so it is distilled on the '
            'training images from the bundled ImageNet EfficientNet-Lite0 (blocks.1+blocks.2, strides 4/8, 3x3 local '
            "average, resized to the PDN's grid, channel-standardised: 64 output channels instead of 384; 60 epochs, "
            'batch 8, lr 2e-3). fast (reduced): widths 16 (PDN and autoencoder), batch 2, at most 250 steps at lr '
-           '3e-3 instead of 70 000 at 1e-4.',
+           '3e-3 instead of 70 000 at 1e-4. Maps are padded by replicating the border cells (the reference code pads '
+           'zeros: at 128 px that puts 44 % of the pixels at the normal q_a level).',
   'trained': True,
   'uses_backbone': True,
   'presets': {'test': {'width': 16,

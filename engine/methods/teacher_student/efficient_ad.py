@@ -54,6 +54,9 @@ class PDN(nn.Module):
         super().__init__()
         w2 = 2 * width
         relu = nn.ReLU
+        # built in layer order: the seeded initialisation draws the weights in this order
+        stem = [nn.Conv2d(3, width, 4), relu(inplace=True), nn.AvgPool2d(2, 2),
+                nn.Conv2d(width, w2, 4), relu(inplace=True), nn.AvgPool2d(2, 2)]
         head: list[nn.Module]
         if variant == "small":
             head = [nn.Conv2d(w2, w2, 3), relu(inplace=True), nn.Conv2d(w2, out_channels, 4)]
@@ -62,11 +65,7 @@ class PDN(nn.Module):
                     nn.Conv2d(w2, out_channels, 4), relu(inplace=True), nn.Conv2d(out_channels, out_channels, 1)]
         else:
             raise ConfigError(f"efficient_ad.variant must be 'small' or 'medium', got {variant!r}")
-        self.net = nn.Sequential(
-            nn.Conv2d(3, width, 4), relu(inplace=True), nn.AvgPool2d(2, 2),
-            nn.Conv2d(width, w2, 4), relu(inplace=True), nn.AvgPool2d(2, 2),
-            *head,
-        )
+        self.net = nn.Sequential(*stem, *head)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -188,14 +187,16 @@ def colour_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
           "on an out-of-distribution image P per step; the autoencoder and the student's second half trained on "
           "colour-augmented images; teacher channel normalisation; 70 000 steps of batch 1, Adam lr 1e-4 "
           "(weight decay 1e-5), ×0.1 after 95 %; maps quantile-normalised (q_a = 0.9 -> 0, q_b = 0.995 -> 0.1) on "
-          "a held-out 10 % of the training images, averaged, zero-padded by 4 cells and resized; score = max of "
+          "a held-out 10 % of the training images, averaged, padded by 4 cells and resized; score = max of "
           "the map. Offline: the penalty images are scikit-image's bundled photographs (astronaut, coffee, "
           "moon, ...: resized to 2x, greyscale with p = 0.3, centre-cropped, as the paper's ImageNet images) "
           "instead of ImageNet; the teacher cannot be distilled from WideResNet-101 on ImageNet, so it is "
           "distilled on the training images from the bundled ImageNet EfficientNet-Lite0 (blocks.1+blocks.2, "
           "strides 4/8, 3x3 local average, resized to the PDN's grid, channel-standardised: 64 output channels "
           "instead of 384; 60 epochs, batch 8, lr 2e-3). fast (reduced): widths 16 (PDN and autoencoder), "
-          "batch 2, at most 250 steps at lr 3e-3 instead of 70 000 at 1e-4.",
+          "batch 2, at most 250 steps at lr 3e-3 instead of 70 000 at 1e-4. Maps are padded by replicating the "
+          "border cells (the reference code pads zeros: at 128 px that puts 44 % of the pixels at the normal "
+          "q_a level).",
     presets={
         "test": {"width": 16, "ae_width": 16, "batch_size": 2, "teacher_batch_size": 2, "teacher_epochs": 10,
                  "epochs": 10, "max_steps": 250, "lr": 3e-3, "teacher_lr": 1e-2},
@@ -394,7 +395,9 @@ class EfficientAD(BaseDetector):
         st, ae = self.normalised_maps(x)
         m = 0.5 * st + 0.5 * ae  # (N, o_h, o_w)
         scores = m.flatten(1).amax(1)
-        maps = F.pad(m[:, None], (_PAD, _PAD, _PAD, _PAD))[:, 0]  # zeros, as the paper: the stride-4 input grid
+        # back to the stride-4 input grid; replicating the border (the reference code pads zeros, which at 128 px
+        # would put 44 % of the pixels at the normal q_a level, above most normal pixels)
+        maps = F.pad(m[:, None], (_PAD, _PAD, _PAD, _PAD), mode="replicate")[:, 0]
         return Prediction(scores=scores, maps=maps)
 
     def _state(self) -> dict[str, torch.Tensor]:
