@@ -30,7 +30,10 @@ FAMILY_TEXT: dict[str, FamilyText] = {
              "away from the teacher. The size of that disagreement, position by position, is the anomaly map. "
              "*Uninformed Students* trains several students from different random starts and also reads how much "
              "they disagree with each other: on normal content they agree, on unfamiliar content their guesses "
-             "scatter, and that spread is added to the error, at several receptive-field sizes."),
+             "scatter, and that spread is added to the error, at several receptive-field sizes. *EfficientAD* "
+             "uses a small, fast teacher (distilled from a large pretrained network), punishes the student for "
+             "copying the teacher on unrelated pictures, and adds an autoencoder that must predict the teacher's "
+             "view of the whole image, which catches logical anomalies such as a missing or misplaced part."),
         strengths=["Pixel-level maps come for free from the feature comparison.",
                    "Fast at test time: two forward passes.",
                    "Strong on small surface defects thanks to the pretrained teacher."],
@@ -87,8 +90,10 @@ FAMILY_TEXT: dict[str, FamilyText] = {
         how=("An autoencoder is trained to compress a good image through a narrow bottleneck and rebuild it. "
              "Since it has only practised on normal content, it should fail to rebuild a defect and instead paint "
              "something normal in its place. The difference between the input and the rebuild is the anomaly map. "
-             "A variational autoencoder adds a probabilistic bottleneck; some variants train on synthetic defects "
-             "and learn to repair them. Others fight the habit of rebuilding defects too well: a *memory module* "
+             "A variational autoencoder adds a probabilistic bottleneck. *DRAEM* trains on synthetic defects "
+             "pasted onto good images: one network learns to repair them, a second one compares the image with "
+             "its repair and learns to outline the defect directly, so its map is a segmentation. Others fight "
+             "the habit of rebuilding defects too well: a *memory module* "
              "(MemAE) only lets the decoder use a sparse mix of stored normal patterns; *skip connections* keep "
              "the rebuild sharp while training on images soiled with synthetic stains teaches the network to "
              "paint them over rather than copy them; and *feature-level reconstruction* (DFR) rebuilds a "
@@ -119,7 +124,10 @@ FAMILY_TEXT: dict[str, FamilyText] = {
     "transformer": FamilyText(
         how=("The image is cut into patches that are treated like words in a sentence. Self-attention lets every "
              "patch look at every other one, so the model learns how parts of a normal image relate to each other. "
-             "Patches that cannot be predicted or rebuilt from their context are anomalous."),
+             "Patches that cannot be predicted or rebuilt from their context are anomalous. *UniAD* rebuilds a "
+             "pretrained network's patch features; each patch's own neighbourhood is hidden from the attention "
+             "and noise is added to the features while training, so the model cannot simply copy its input, "
+             "defects included."),
         strengths=["Sees long-range context, useful for logical and structural defects.",
                    "Pretrained vision transformers give strong features."],
         failures=["Data hungry and slow to train from scratch.",

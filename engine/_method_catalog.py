@@ -12,43 +12,44 @@ METHODS = [{'name': 'efficient_ad',
   'paper': 'Batzner et al., WACV 2024',
   'summary': 'Small patch description networks: a student imitates a distilled teacher (hard-feature loss) and an '
              'autoencoder catches logical anomalies; map = quantile-normalised discrepancies.',
-  'faithful': False,
-  'notes': 'PDN-S architecture, hard-feature loss (q=0.999), student-half regressing the autoencoder, teacher '
-           'channel normalisation and q_a=0.9/q_b=0.995 map normalisation on a held-out slice follow the paper. '
-           'Offline, the teacher cannot be distilled from WideResNet-101 on ImageNet: it is distilled from the '
-           'bundled ImageNet EfficientNet-Lite0 features blocks.1+blocks.2 (strides 4/8, whose receptive fields '
-           "match the PDN's 33 px better than blocks.4: distilling blocks.2+blocks.4 did not converge), PatchCore's "
-           "3x3 local average with zero padding, resized to the PDN's output grid, channel-standardised; 64 channels "
-           'instead of 384) on the training images only. The ImageNet penalty on the student is dropped (no ImageNet '
-           'images). test/fast presets shrink the PDN/AE widths (16 vs 128/64) and train a few hundred steps with '
-           'batch 2 instead of 70 000 with batch 1, at a higher learning rate. Maps are padded by 4 cells '
-           '(replicating the border, the paper pads with 0) then resized; score = max of the unpadded map.',
+  'faithful': True,
+  'notes': "Follows the paper: PDN-S (`variant='medium'`: PDN-M) at its widths (128/256/256, M: 256/512/512), "
+           'without padding as the reference implementations; the autoencoder (32-32-64-64-64-64 encoder, 8 '
+           'bilinear/conv decoder stages, dropout 0.2); hard-feature loss (q = 0.999) plus the penalty mean(S(P)²) '
+           "on an out-of-distribution image P per step; the autoencoder and the student's second half trained on "
+           'colour-augmented images; teacher channel normalisation; 70 000 steps of batch 1, Adam lr 1e-4 (weight '
+           'decay 1e-5), ×0.1 after 95 %; maps quantile-normalised (q_a = 0.9 -> 0, q_b = 0.995 -> 0.1) on a '
+           'held-out 10 % of the training images, averaged, padded by 4 cells and resized; score = max of the map. '
+           "Offline: the penalty images are scikit-image's bundled photographs (astronaut, coffee, moon, ...: "
+           "resized to 2x, greyscale with p = 0.3, centre-cropped, as the paper's ImageNet images) instead of "
+           'ImageNet; the teacher cannot be distilled from WideResNet-101 on ImageNet, so it is distilled on the '
+           'training images from the bundled ImageNet EfficientNet-Lite0 (blocks.1+blocks.2, strides 4/8, 3x3 local '
+           "average, resized to the PDN's grid, channel-standardised: 64 output channels instead of 384; 60 epochs, "
+           'batch 8, lr 2e-3). fast (reduced): widths 16 (PDN and autoencoder), batch 2, at most 250 steps at lr '
+           '3e-3 instead of 70 000 at 1e-4. Maps are padded by replicating the border cells (the reference code pads '
+           'zeros: at 128 px that puts 44 % of the pixels at the normal q_a level).',
   'trained': True,
   'uses_backbone': True,
   'presets': {'test': {'width': 16,
                        'ae_width': 16,
                        'batch_size': 2,
+                       'teacher_batch_size': 2,
                        'teacher_epochs': 10,
                        'epochs': 10,
+                       'max_steps': 250,
                        'lr': 0.003,
                        'teacher_lr': 0.01},
-              'fast': {'max_steps': 250,
-                       'width': 16,
+              'fast': {'width': 16,
                        'ae_width': 16,
                        'batch_size': 2,
+                       'teacher_batch_size': 2,
                        'teacher_epochs': 10,
                        'epochs': 12,
+                       'max_steps': 250,
                        'lr': 0.003,
                        'teacher_lr': 0.01},
-              'quality': {'max_steps': 600,
-                          'width': 128,
-                          'ae_width': 64,
-                          'batch_size': 2,
-                          'teacher_epochs': 60,
-                          'epochs': 150,
-                          'lr': 0.0005,
-                          'teacher_lr': 0.002}},
-  'reduced_presets': (),
+              'quality': {}},
+  'reduced_presets': ('test', 'fast'),
   'module': 'engine.methods.teacher_student.efficient_ad',
   'class_name': 'EfficientAD'},
  {'name': 'reverse_distillation',
@@ -445,21 +446,37 @@ METHODS = [{'name': 'efficient_ad',
   'paper': 'Zavrtanik et al., ICCV 2021 (DRAEM)',
   'summary': 'Learns to repair and segment synthetic defects pasted onto normal images: a reconstruction network '
              'plus a discriminative U-Net that compares the image with its repair.',
-  'faithful': False,
-  'notes': "Synthetic anomalies: Perlin-noise masks with textures from scikit-image's bundled photographs "
-           '(astronaut, coffee, moon, ...; colour/contrast augmented; no DTD download), opacity β ~ U(0, 0.8), half '
-           'the training images left clean, as in the paper. Much smaller networks than the paper (reconstructive '
-           'widths 16–64 with a spatial bottleneck, discriminative U-Net base 16, depth 3, vs 128/64 channels) and '
-           '10–200 epochs instead of 700, so the fast preset trains on 2 CPU cores; trained at `size` px (default '
-           '128; maps upsampled back) with seeded flips. Loss = L2 + (1 − SSIM) on the reconstruction + focal loss '
-           '(γ = 2) on the mask, jointly with one AdamW. Map = softmax anomaly channel, Gaussian σ = 2 px; score = '
-           "max of the map average-pooled over pool×pool (pool = 11 at 128 px, the paper's 21 at 256).",
+  'faithful': True,
+  'notes': "Follows the paper and its authors' code: the reconstructive sub-network (encoder-decoder without skips, "
+           'base width 128, bottleneck 1024 channels at 1/16) and the discriminative U-Net (base 64, six levels, 2 '
+           'logits) on [image, reconstruction]; loss L2 + (1 − SSIM) (11 px window) + focal loss (γ = 2); '
+           'Perlin-noise masks (2^0–2^5 cells per axis, rotated, thresholded at 0.5), opacity β ~ U(0, 0.8), half '
+           'the images left clean, 30 % of the training images rotated by up to ±90°; Adam lr 1e-4, ×0.2 at 80 % and '
+           '90 % of 700 epochs, batch 8, 256 px; map = softmax anomaly channel, score = max of the map '
+           "average-pooled over 21×21. Anomaly source: scikit-image's bundled photographs (astronaut, coffee, moon, "
+           '...; three random colour/contrast operations each) instead of the DTD texture download (offline); '
+           "rotations reflect at the border (the authors' imgaug fills black). fast (reduced): 128 px, base widths "
+           "8/8 instead of 128/64, 100 steps at lr 2e-3, pool 11 — the paper's 700 epochs at full width take days on "
+           'a CPU.',
   'trained': True,
   'uses_backbone': False,
-  'presets': {'test': {'epochs': 15},
-              'fast': {'max_steps': 150, 'epochs': 25},
-              'quality': {'max_steps': 600, 'epochs': 200}},
-  'reduced_presets': (),
+  'presets': {'test': {'size': 128,
+                       'rec_base': 4,
+                       'disc_base': 4,
+                       'epochs': 30,
+                       'max_steps': 30,
+                       'batch_size': 4,
+                       'lr': 0.003,
+                       'pool': 11},
+              'fast': {'size': 128,
+                       'rec_base': 8,
+                       'disc_base': 8,
+                       'epochs': 700,
+                       'max_steps': 100,
+                       'lr': 0.002,
+                       'pool': 11},
+              'quality': {}},
+  'reduced_presets': ('test', 'fast'),
   'module': 'engine.methods.autoencoder.draem',
   'class_name': 'Draem'},
  {'name': 'memae',
@@ -565,27 +582,42 @@ METHODS = [{'name': 'efficient_ad',
   'localises': True,
   'supervision': 'none',
   'paper': 'You et al., NeurIPS 2022 (UniAD)',
-  'summary': 'Transformer encoder-decoder with neighbour-masked attention and learnable queries reconstructs frozen '
-             'patch features; map = per-position reconstruction error.',
-  'faithful': False,
-  'notes': 'Single-class use of the unified model. EfficientNet-Lite0 blocks.2+blocks.4 (40+112 channels, '
-           "standardised per channel with training statistics) replace EfficientNet-B4's 272 channels; the token "
-           "grid is `grid`×`grid` (16, as the paper's 14); 1-2 encoder and decoder layers of width 128 instead of "
-           '4+4 of 256; tens of epochs with lr 1e-3 instead of 1000 epochs at 1e-4. Neighbour masks are applied in '
-           'every attention (encoder, decoder self- and cross-attention) as in the paper. Image score = max of the '
-           'smoothed map (the paper uses max of an average-pooled map). Stride-8 features brought to the stride-16 '
-           'token grid are averaged over an odd window first (no zero padding counted); the paper resizes.',
+  'summary': 'Transformer encoder-decoder with neighbour-masked attention and layer-wise learned queries '
+             'reconstructs frozen patch features; map = per-position reconstruction error.',
+  'faithful': True,
+  'notes': "Follows the paper and its authors' code: features of four backbone stages (strides 2, 4, 8, 16) resized "
+           'to the stride-16 token grid; feature jittering (scale 20, p = 1); a reconstruction transformer of 4 '
+           'encoder and 4 decoder layers, width 256, 8 heads, feed-forward 1024, dropout 0.1, ReLU, post-norm, '
+           'learned positions, layer-wise learned queries, Xavier initialisation; 7×7 neighbour masks in the encoder '
+           'and in both decoder attentions; MSE loss; AdamW lr 1e-4 (weight decay 1e-4, gradient norm clipped at '
+           '0.1), ×0.1 after 800 of 1000 epochs, batch 8; map = ‖f − f̂‖₂ per token upsampled bilinearly; score = '
+           'max of the map average-pooled over 16×16 px (one token cell). Differences: the bundled ImageNet '
+           "EfficientNet-Lite0 (blocks.0, .1, .2, .4: 16+24+40+112 = 192 channels) instead of EfficientNet-B4's "
+           'stages (24+32+56+160 = 272), which needs a download (offline); features standardised per channel with '
+           'training statistics (ours); the grid is `grid`×`grid` = 16 at 256 px (the paper: 14 at 224 px); finer '
+           'stages are averaged over an odd window before resizing to the grid (the paper resizes bilinearly); '
+           'single-class training. fast (reduced): 1 + 1 layers of width 128, 4 heads, feed-forward 512, at most 300 '
+           'steps at lr 1e-3 instead of 1000 epochs at 1e-4.',
   'trained': True,
   'uses_backbone': True,
-  'presets': {'test': {'epochs': 40, 'enc_layers': 1, 'dec_layers': 1},
-              'fast': {'max_steps': 300, 'epochs': 60, 'enc_layers': 1, 'dec_layers': 1},
-              'quality': {'max_steps': 1200,
-                          'epochs': 200,
-                          'enc_layers': 2,
-                          'dec_layers': 2,
-                          'd_model': 192,
-                          'lr': 0.0005}},
-  'reduced_presets': (),
+  'presets': {'test': {'epochs': 40,
+                       'max_steps': 120,
+                       'enc_layers': 1,
+                       'dec_layers': 1,
+                       'd_model': 64,
+                       'heads': 2,
+                       'ff_dim': 256,
+                       'lr': 0.001},
+              'fast': {'max_steps': 300,
+                       'epochs': 60,
+                       'enc_layers': 1,
+                       'dec_layers': 1,
+                       'd_model': 128,
+                       'heads': 4,
+                       'ff_dim': 512,
+                       'lr': 0.001},
+              'quality': {}},
+  'reduced_presets': ('test', 'fast'),
   'module': 'engine.methods.transformer.patch_transformer',
   'class_name': 'UniAD'},
  {'name': 'devnet',

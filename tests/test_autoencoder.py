@@ -11,8 +11,16 @@ import torch
 from skimage.metrics import structural_similarity
 
 from engine import registry
-from engine.components.nets import ConvDecoder, ConvEncoder, UNet, ssim_map
+from engine.components.nets import ConvDecoder, ConvEncoder, ssim_map
 from engine.components.synthetic_anomalies import make_anomalies, perlin_mask, perlin_noise
+from engine.components.train_loop import lr_factor
+from engine.methods.autoencoder.draem import (
+    DiscriminativeSubNetwork,
+    Draem,
+    ReconstructiveSubNetwork,
+    draem_loss,
+    focal_loss,
+)
 
 MODELS = ["autoencoder", "vae", "draem", "memae", "skip_ae"]
 
@@ -40,7 +48,6 @@ def test_nets_shapes() -> None:
     venc = ConvEncoder(widths=(8, 16), latent="vector", latent_dim=10, image_size=(64, 96))
     vdec = ConvDecoder(widths=(8, 16), latent="vector", latent_dim=10, image_size=(64, 96))
     assert venc(x).shape == (2, 10) and vdec(venc(x)).shape == x.shape
-    assert UNet(6, 2, base=8, depth=2)(torch.rand(2, 6, 32, 32)).shape == (2, 2, 32, 32)
     with pytest.raises(ValueError):
         enc(torch.rand(1, 3, 60, 60))
 
@@ -293,3 +300,65 @@ def test_skip_ae_learns_to_remove_stains(fitted, sample_brick) -> None:
     err_noisy = (noisy - clean).abs().mean(1)[inside].mean()
     err_rec = (rec - clean).abs().mean(1)[inside].mean()
     assert err_rec < 0.7 * err_noisy, (float(err_rec), float(err_noisy))
+
+
+# --- DRAEM ------------------------------------------------------------------------------------------------
+def test_draem_networks_are_the_papers() -> None:
+    """Reconstructive: base 128, bottleneck 8·128 = 1024 channels at 1/16, no skips; discriminative: base 64, six
+    levels (deepest 512 channels at 1/32), 6 input channels, 2 logits."""
+    rec = ReconstructiveSubNetwork(128)
+    x = torch.rand(1, 3, 32, 32)
+    assert rec.encoder(x).shape == (1, 1024, 2, 2)
+    convs = [m for m in rec.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs[:2]] == [128, 128] and len(convs) == 10 + 12 + 1
+    disc = DiscriminativeSubNetwork(64)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].in_channels == 6 and disc.head.out_channels == 2
+    assert max(c.out_channels for c in convs) == 512
+    y = torch.rand(1, 6, 64, 64)
+    deepest = y
+    for block in disc.encoder:
+        deepest = block(deepest)
+    assert deepest.shape == (1, 512, 2, 2)
+    small = ReconstructiveSubNetwork(4), DiscriminativeSubNetwork(4)
+    assert small[0](torch.rand(2, 3, 64, 96)).shape == (2, 3, 64, 96)
+    assert small[1](torch.rand(2, 6, 64, 96)).shape == (2, 2, 64, 96)
+
+
+def test_draem_defaults_are_the_papers_schedule() -> None:
+    d = Draem()
+    assert (d.size, d.rec_base, d.disc_base, d.epochs, d.batch_size, d.lr) == (256, 128, 64, 700, 8, 1e-4)
+    assert registry.create("draem", preset="quality").get_params() == d.get_params()
+    # Adam lr ×0.2 at 80 % and 90 % of the steps (authors' MultiStepLR)
+    total = 700 * 3
+    assert [lr_factor(s, total, d.lr_milestones, d.lr_gamma) for s in (0, 1679, 1680, 1889, 1890, 2099)] == \
+        pytest.approx([1, 1, 0.2, 0.2, 0.04, 0.04])
+    assert registry.is_reduced("draem", "fast") and not registry.is_reduced("draem", "quality")
+
+
+def test_draem_loss_by_hand() -> None:
+    # one pixel, logits (0, ln 3): p(anomalous) = 0.75
+    logits = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1)
+    assert float(focal_loss(logits, torch.ones(1, 1, 1))) == pytest.approx(-(0.25 ** 2) * math.log(0.75))
+    assert float(focal_loss(logits, torch.zeros(1, 1, 1))) == pytest.approx(-(0.75 ** 2) * math.log(0.25))
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 3, 24, 24, generator=g)
+    logits = torch.randn(2, 2, 24, 24, generator=g)
+    mask = (torch.rand(2, 24, 24, generator=g) > 0.7).float()
+    f = float(focal_loss(logits, mask))
+    assert float(draem_loss(clean, clean, logits, mask)) == pytest.approx(f, abs=1e-5)
+    rec = (clean + 0.1).clamp(0, 1)
+    want = float(((rec - clean) ** 2).mean()) + 1 - float(ssim_map(rec, clean).mean()) + f
+    assert float(draem_loss(rec, clean, logits, mask)) == pytest.approx(want, rel=1e-5)
+
+
+def test_draem_score_is_the_max_of_the_21px_average_pool() -> None:
+    """A lone hot pixel in the map counts 1/21² towards the score (zero padding counted, as F.avg_pool2d)."""
+    d = Draem(size=64, rec_base=4, disc_base=4)
+    maps = torch.zeros(1, 64, 64)
+    maps[0, 0, 0] = 1.0
+    d._working = lambda images: torch.zeros(1, 3, 64, 64)  # type: ignore[method-assign]
+    d._batched = lambda x, fn: [maps]  # type: ignore[method-assign]
+    pred = d._predict(None)  # type: ignore[arg-type]
+    assert float(pred.scores[0]) == pytest.approx(1 / 21 ** 2)
+    assert torch.equal(pred.maps, maps)

@@ -10,7 +10,7 @@ import torch
 
 from engine import registry
 from engine.api import ImageSet
-from engine.components.synthetic_anomalies import make_anomalies
+from engine.components.synthetic_anomalies import default_source, make_anomalies
 from engine.components.train_loop import split_indices
 from engine.methods.one_class.fcdd import FCDD, fcdd_loss, pseudo_huber
 from engine.methods.teacher_student.efficient_ad import (
@@ -18,11 +18,13 @@ from engine.methods.teacher_student.efficient_ad import (
     EfficientAD,
     hard_feature_loss,
     pdn_out_size,
+    penalty_images,
     quantile_normalise,
+    student_loss,
 )
 
-TINY_EA = {"width": 8, "ae_width": 8, "batch_size": 2, "teacher_epochs": 2, "epochs": 3, "lr": 3e-3,
-           "teacher_lr": 1e-2}
+TINY_EA = {"width": 8, "ae_width": 8, "batch_size": 2, "teacher_batch_size": 2, "teacher_epochs": 2, "epochs": 3,
+           "lr": 3e-3, "teacher_lr": 1e-2}
 
 
 def _preset(name: str) -> dict:
@@ -49,6 +51,46 @@ def test_pdn_output_size() -> None:
     assert pdn_out_size(256) == 56 and pdn_out_size(128) == 24
     y = PDN(5, width=4)(torch.rand(1, 3, 100, 132))
     assert y.shape == (1, 5, pdn_out_size(100), pdn_out_size(132))
+
+
+def test_pdn_small_and_medium_are_the_papers_layers() -> None:
+    """PDN-S (Table 6) and PDN-M (Table 7) with 384 output channels: conv kernels and widths."""
+    def convs(net: PDN) -> list[tuple[int, int, int]]:
+        return [(m.out_channels, m.in_channels, m.kernel_size[0]) for m in net.modules()
+                if isinstance(m, torch.nn.Conv2d)]
+    assert convs(PDN(384, 128, "small")) == [(128, 3, 4), (256, 128, 4), (256, 256, 3), (384, 256, 4)]
+    assert convs(PDN(384, 256, "medium")) == [(256, 3, 4), (512, 256, 4), (512, 512, 1), (512, 512, 3),
+                                               (384, 512, 4), (384, 384, 1)]
+    y = PDN(6, 4, "medium")(torch.rand(1, 3, 100, 132))
+    assert y.shape == (1, 6, pdn_out_size(100), pdn_out_size(132))  # same grid as PDN-S
+
+
+def test_efficient_ad_defaults_are_the_papers_training() -> None:
+    d = EfficientAD()
+    assert (d.max_steps, d.batch_size, d.lr, d.lr_milestones) == (70_000, 1, 1e-4, (0.95,))
+    assert (d.hard_quantile, d.q_a, d.q_b, d.ae_width, d.penalty) == (0.999, 0.9, 0.995, 64, True)
+    assert registry.create("efficient_ad", preset="quality").get_params() == d.get_params()
+    assert registry.is_reduced("efficient_ad", "fast")
+
+
+def test_student_loss_adds_the_penalty_by_hand() -> None:
+    g = torch.Generator().manual_seed(1)
+    t, s = torch.randn(1, 4, 6, 6, generator=g), torch.randn(1, 4, 6, 6, generator=g)
+    p = torch.randn(1, 4, 5, 5, generator=g)
+    d = ((t - s) ** 2).flatten()
+    hard = d[d >= torch.quantile(d, 0.9)].mean()  # 144 values: the top ceil(0.1·144) = 15
+    assert float(hard_feature_loss(t, s, 0.9)) == pytest.approx(float(hard), rel=1e-6)
+    assert float(student_loss(t, s, p, 0.9)) == pytest.approx(float(hard) + float((p ** 2).mean()), rel=1e-6)
+
+
+def test_penalty_images_are_centre_crops_of_the_2x_pictures() -> None:
+    """Resized to twice the side, centre-cropped (the paper's ImageNet transform); greyscale with grey_prob."""
+    idx = torch.randint(0, len(default_source(128)), (5,), generator=torch.Generator().manual_seed(0))
+    colour = penalty_images((64, 48), torch.Generator().manual_seed(0), 5, grey_prob=0.0)
+    assert torch.equal(colour, default_source(128)[idx, :, 32:96, 40:88])
+    grey = penalty_images((64, 48), torch.Generator().manual_seed(0), 5, grey_prob=1.0)
+    assert grey.shape == (5, 3, 64, 48) and torch.equal(grey[:, 0], grey[:, 2])
+    assert torch.allclose(grey[:, 0], 0.299 * colour[:, 0] + 0.587 * colour[:, 1] + 0.114 * colour[:, 2])
 
 
 def test_hard_feature_loss_uses_only_top_quantile() -> None:

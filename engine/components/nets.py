@@ -1,10 +1,9 @@
-"""Small convolutional networks trained from scratch, and SSIM (used by AE, VAE, DRAEM, GANomaly).
+"""Small convolutional networks trained from scratch, and SSIM (used by the reconstruction family and GANomaly).
 
 Shapes:
     ConvEncoder: (N, in_channels, H, W) -> (N, latent_channels, H / 2**depth, W / 2**depth)   latent="map"
                                          -> (N, latent_dim)                                     latent="vector"
     ConvDecoder: the inverse; (N, latent_channels, h, w) or (N, latent_dim) -> (N, out_channels, H, W)
-    UNet:        (N, in_channels, H, W) -> (N, out_channels, H, W) logits (skip connections at every scale)
     ssim_map:    (N, C, H, W), (N, C, H, W) -> (N, H, W), the per-pixel SSIM averaged over channels
 
 H and W must be divisible by 2**depth (depth = len(widths)). A "vector" latent needs the image size at
@@ -131,36 +130,6 @@ class ConvDecoder(nn.Module):
         return torch.sigmoid(y) if self.out_activation == "sigmoid" else y
 
 
-class UNet(nn.Module):
-    """A small U-Net: `depth` down blocks with skips, a bottleneck, `depth` up blocks; logits out.
-
-    (N, in_channels, H, W) -> (N, out_channels, H, W); H, W divisible by 2**depth. Width doubles per level
-    from `base` (capped at `max_width`).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, base: int = 16, depth: int = 3, max_width: int = 256):
-        super().__init__()
-        w = [min(base * 2**i, max_width) for i in range(depth + 1)]
-        self.depth = depth
-        self.stem = conv_block(in_channels, w[0], 1)
-        self.downs = nn.ModuleList([nn.Sequential(nn.MaxPool2d(2), conv_block(w[i], w[i + 1], 1))
-                                    for i in range(depth)])
-        self.ups = nn.ModuleList([nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-                                  for _ in range(depth)])
-        self.fuse = nn.ModuleList([conv_block(w[i + 1] + w[i], w[i], 1) for i in reversed(range(depth))])
-        self.head = nn.Conv2d(w[0], out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_channels, H, W) -> (N, out_channels, H, W) logits."""
-        skips = [self.stem(x)]
-        for d in self.downs:
-            skips.append(d(skips[-1]))
-        y = skips.pop()
-        for up, fuse in zip(self.ups, self.fuse, strict=True):
-            y = fuse(torch.cat([up(y), skips.pop()], 1))
-        return self.head(y)
-
-
 def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5,
              data_range: float = 1.0) -> torch.Tensor:
     """Per-pixel SSIM (Wang et al. 2004) with a Gaussian window, averaged over channels.
@@ -195,4 +164,4 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 
     return s.mean(1)
 
 
-__all__ = ["ConvDecoder", "ConvEncoder", "UNet", "conv_block", "down_block", "ssim_map", "up_block"]
+__all__ = ["ConvDecoder", "ConvEncoder", "conv_block", "down_block", "ssim_map", "up_block"]

@@ -71,6 +71,12 @@ def _rotate(maps: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[:, 0]
 
 
+def rotate_images(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, C, H, W) images about their centres by `degrees` (B,), reflecting at the borders."""
+    b, c, h, w = images.shape
+    return _rotate(images.reshape(b * c, h, w).float(), degrees.repeat_interleave(c)).reshape(b, c, h, w)
+
+
 def perlin_mask(batch: int, size: tuple[int, int], generator: torch.Generator, *, min_scale: int = 0,
                 max_scale: int = 6, threshold: float = 0.5, rotate: bool = True, tries: int = 4) -> torch.Tensor:
     """DRAEM's anomaly masks: (batch, H, W) float32 in {0, 1}.

@@ -28,7 +28,9 @@ class TrainConfig:
     """epochs: passes over the training slice; max_steps caps the optimiser steps (so a large dataset
     trains for a bounded time, DESIGN §2 presets); time_budget_s stops earlier when set.
     val_fraction of the items is held out (at least 1 item when there are ≥ 4) for early stopping
-    with `patience` epochs; batch_size is for CPU, cuda_batch_size on CUDA."""
+    with `patience` epochs; batch_size is for CPU, cuda_batch_size on CUDA. lr_milestones are fractions of
+    the planned optimiser steps at which every learning rate is multiplied by lr_gamma (a paper's step
+    schedule, e.g. DRAEM's (0.8, 0.9) with γ = 0.2); empty: a constant learning rate."""
 
     epochs: int = 20
     max_steps: int | None = None
@@ -42,6 +44,8 @@ class TrainConfig:
     min_delta: float = 1e-4
     grad_clip: float | None = 5.0
     seed: int = 0
+    lr_milestones: tuple[float, ...] = ()
+    lr_gamma: float = 0.1
 
 
 @dataclass
@@ -98,6 +102,12 @@ def planned_epochs(n_train: int, bs: int, epochs: int, max_steps: int | None) ->
     return max(1, min(epochs, math.ceil(max_steps / max(1, batches_per_epoch(n_train, bs)))))
 
 
+def lr_factor(step: int, total_steps: int, milestones: tuple[float, ...], gamma: float) -> float:
+    """The learning-rate multiplier at optimiser step `step` (0-based) of `total_steps`: gamma^k, k = the number
+    of milestones (fractions of total_steps) already reached."""
+    return gamma ** sum(step >= round(m * total_steps) for m in milestones)
+
+
 def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: TrainConfig, *,
                modules: list[nn.Module], device: str = "cpu", progress: Progress = no_progress,
                val_loss: Callable[[torch.Tensor], float] | None = None) -> TrainResult:
@@ -119,6 +129,10 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
     best_state: list[dict[str, torch.Tensor]] | None = None
     since_best = 0
     n_epochs = planned_epochs(len(train_idx), bs, cfg.epochs, cfg.max_steps)
+    total_steps = n_epochs * batches_per_epoch(len(train_idx), bs)
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    base_lrs = [[grp["lr"] for grp in opt.param_groups] for opt in opts]
     t0 = time.perf_counter()
     for epoch in range(n_epochs):
         refresh_threads()  # other adlab jobs may have started or ended since the last epoch
@@ -131,6 +145,11 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
             if cfg.max_steps is not None and res.steps >= cfg.max_steps:
                 break
             idx = perm[s:s + bs]
+            if cfg.lr_milestones:
+                f = lr_factor(res.steps, total_steps, cfg.lr_milestones, cfg.lr_gamma)
+                for opt, lrs in zip(opts, base_lrs, strict=True):
+                    for grp, lr in zip(opt.param_groups, lrs, strict=True):
+                        grp["lr"] = lr * f
             for k, (o, opt) in enumerate(zip(objs, opts, strict=True)):
                 opt.zero_grad(set_to_none=True)
                 with autocast(device):

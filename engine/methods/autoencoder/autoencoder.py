@@ -17,7 +17,7 @@ from torch import nn
 
 from engine.api import ConfigError, ImageSet, Prediction, Progress
 from engine.components.anomaly_map import gaussian_blur
-from engine.components.nets import ConvDecoder, ConvEncoder, ssim_map
+from engine.components.nets import ssim_map
 from engine.components.train_loop import Objective, TrainConfig, train_loop
 from engine.device import batch_size
 from engine.methods.base import BaseDetector, load_module_state, module_state
@@ -104,20 +104,6 @@ class ReconstructionDetector(BaseDetector):
     def _batched(self, x: torch.Tensor, fn: Any) -> list[Any]:
         bs = batch_size(self.device_, cpu=16, cuda=64)
         return [fn(x[i:i + bs].to(self.device_)) for i in range(0, len(x), bs)]
-
-
-class ConvAE(nn.Module):
-    """ConvEncoder -> ConvDecoder (sigmoid): (N, 3, H, W) -> (N, 3, H, W)."""
-
-    def __init__(self, widths: tuple[int, ...], latent: str, latent_channels: int, latent_dim: int, size: int):
-        super().__init__()
-        kw = dict(widths=widths, latent=latent, latent_channels=latent_channels, latent_dim=latent_dim,
-                  image_size=size)
-        self.encoder = ConvEncoder(3, **kw)
-        self.decoder = ConvDecoder(3, **kw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
 
 
 class SSIMAutoencoder(nn.Module):
