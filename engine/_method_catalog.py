@@ -620,6 +620,35 @@ METHODS = [{'name': 'efficient_ad',
   'reduced_presets': ('test', 'fast'),
   'module': 'engine.methods.transformer.patch_transformer',
   'class_name': 'UniAD'},
+ {'name': 'cavga',
+  'family': 'weakly_supervised',
+  'localises': True,
+  'supervision': 'weak',
+  'paper': 'Venkataramanan et al., ECCV 2020',
+  'summary': 'Convolutional adversarial VAE whose latent map carries Grad-CAM attention; a classifier on the latent '
+             'learns from the labelled anomalies, and the complementary guided attention loss makes the normal class '
+             'attend everywhere and the anomalous class nowhere on normal images.',
+  'faithful': True,
+  'notes': "CAVGA-Wu, the paper's weakly supervised variant: convolutional latent (VAE, reparameterised), decoder, "
+           'discriminator on reconstructions, binary classifier on the latent, Grad-CAM attention on the latent, '
+           "complementary guided attention loss on correctly classified normal images; score = the classifier's "
+           "anomalous log-odds, map = the anomalous class's attention times its probability (so maps compare across "
+           "images). K = 0: the paper's unsupervised CAVGA-Du (attention expansion loss instead of a classifier) is "
+           "not registered; adlab's cavga needs labelled anomalies and K = 0 is the same error as DevNet's (the "
+           'expansion loss is implemented and tested). Differences: the encoder is frozen ImageNet '
+           'EfficientNet-Lite0 (blocks.4, stride 16) plus a trainable conv head, not a fine-tuned ResNet-18; the '
+           "decoder is the shared convolutional decoder and the discriminator GANomaly's DCGAN one; loss weights 1 "
+           'for reconstruction (MSE), adversarial, per-pixel KL, classification and L_cga (ours); balanced batches '
+           'with flip/rotation views of the anomalies (as DevNet); AdamW. fast (reduced): 8-times narrower decoder '
+           'and discriminator, 300 steps.',
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 12, 'steps_per_epoch': 10, 'batch_size': 8, 'widths': (8, 16, 32, 64), 'ngf': 8},
+              'fast': {'epochs': 20, 'steps_per_epoch': 15, 'batch_size': 8, 'widths': (8, 16, 32, 64), 'ngf': 8},
+              'quality': {'epochs': 100, 'steps_per_epoch': 20, 'batch_size': 16}},
+  'reduced_presets': ('test', 'fast'),
+  'module': 'engine.methods.weakly_supervised.cavga',
+  'class_name': 'CAVGA'},
  {'name': 'devnet',
   'family': 'weakly_supervised',
   'localises': True,
@@ -643,6 +672,32 @@ METHODS = [{'name': 'efficient_ad',
   'reduced_presets': (),
   'module': 'engine.methods.weakly_supervised.devnet',
   'class_name': 'DevNet'},
+ {'name': 'liac',
+  'family': 'weakly_supervised',
+  'localises': True,
+  'supervision': 'weak',
+  'paper': 'Wan, Gao & Li, IEEE TIM 2022',
+  'summary': 'Classifier trained with the logit inducing loss (normal logits pulled to one value, the few labelled '
+             'anomalies pushed past a margin, classes weighed equally) and an abnormality capturing module (distance '
+             'to normal prototypes) that guides where it looks.',
+  'faithful': False,
+  'notes': "Only the paper's abstract was available here, so the logit inducing loss (LIS) and the abnormality "
+           "capturing module (ACM) are our reading of it, not the paper's equations: LIS = ½·mean over normal images "
+           'of (z + m)² + ½·mean over labelled anomalies of max(0, m − z)², m = 1, each class averaged on its own '
+           '(the imbalance); ACM = distance of every feature position to the nearest of 16 k-means prototypes of '
+           'normal features, standardised on the normal images, fed to the classifier with the features and used as '
+           'softmax pooling weights for the patch logits. The classifier is a one-hidden-layer head on frozen '
+           "EfficientNet-Lite0 features (blocks.2+blocks.4), not the paper's network. Batches: normal images with "
+           'anomalies in their natural proportion (flip/rotation views count), at least one per batch. Score = image '
+           'logit; map = patch logits, upsampled and smoothed.',
+  'trained': True,
+  'uses_backbone': True,
+  'presets': {'test': {'epochs': 15, 'steps_per_epoch': 10},
+              'fast': {'epochs': 20, 'steps_per_epoch': 20},
+              'quality': {'epochs': 50, 'steps_per_epoch': 20}},
+  'reduced_presets': (),
+  'module': 'engine.methods.weakly_supervised.liac',
+  'class_name': 'LIAC'},
  {'name': 'mixed_supervision',
   'family': 'weakly_supervised',
   'localises': True,
@@ -668,4 +723,36 @@ METHODS = [{'name': 'efficient_ad',
               'quality': {'epochs': 50, 'steps_per_epoch': 20}},
   'reduced_presets': (),
   'module': 'engine.methods.weakly_supervised.mixed_supervision',
-  'class_name': 'MixedSupervision'}]
+  'class_name': 'MixedSupervision'},
+ {'name': 'neural_batch_sampler',
+  'family': 'weakly_supervised',
+  'localises': True,
+  'supervision': 'weak',
+  'paper': 'Chu & Kitani, ECCV 2020',
+  'summary': 'An autoencoder trained on patches while a reinforcement-learning policy picks its batches to widen the '
+             "gap between the losses of anomalous and normal patches; a classifier on each patch's loss profile (its "
+             'losses over training) gives the map and the score.',
+  'faithful': False,
+  'notes': "Built from the paper's description (loss profiles, an RL batch sampler that amplifies their difference, "
+           'a classifier on profiles); the exact networks, state, reward and schedule of the paper are not '
+           'reproduced. Ours: 16×16 patches at stride 8 of 64 px images (quality: 32×32 at stride 16 of 128 px), '
+           "small conv autoencoder, policy = MLP over each pool patch's (log loss, change since last refresh) with a "
+           'softmax over the pool, reward = change of the anomalous–normal mean log-loss gap over one step, '
+           'REINFORCE with a moving-average baseline. Unlike the paper (which records profiles of the data it scores '
+           'during training), the autoencoder is saved at T = 10 steps and a profile is the T losses under those '
+           'weights, so images are scored after fit like every adlab method; the sampler draws from normal patches '
+           'only, and held-out normal images (a quarter) and the labelled anomalies stay unseen by the autoencoder '
+           'so the classifier learns on profiles like those of new images.',
+  'trained': True,
+  'uses_backbone': False,
+  'presets': {'test': {'epochs': 8, 'steps_per_epoch': 8, 'eval_patches': 128, 'cls_epochs': 30},
+              'fast': {'epochs': 20, 'steps_per_epoch': 20},
+              'quality': {'size': 128,
+                          'patch': 32,
+                          'stride': 16,
+                          'widths': (32, 64, 128),
+                          'epochs': 100,
+                          'steps_per_epoch': 50}},
+  'reduced_presets': ('test', 'fast'),
+  'module': 'engine.methods.weakly_supervised.neural_batch_sampler',
+  'class_name': 'NeuralBatchSampler'}]

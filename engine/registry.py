@@ -60,6 +60,9 @@ _METHOD_MODULES = [
     "engine.methods.transformer.patch_transformer",
     "engine.methods.weakly_supervised.devnet",
     "engine.methods.weakly_supervised.mixed_supervision",
+    "engine.methods.weakly_supervised.neural_batch_sampler",
+    "engine.methods.weakly_supervised.cavga",
+    "engine.methods.weakly_supervised.liac",
 ]
 
 

@@ -15,7 +15,7 @@ from engine.methods.weakly_supervised.devnet import deviation_loss, dihedral_vie
 from engine.methods.weakly_supervised.mixed_supervision import SegDecNet, seg_targets
 from engine.runner import RunConfig, run_methods, split_labeled
 
-WEAK = ["devnet", "mixed_supervision"]
+WEAK = ["devnet", "mixed_supervision", "neural_batch_sampler", "cavga", "liac"]
 TINY = {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4}
 
 

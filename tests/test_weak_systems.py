@@ -1,0 +1,141 @@
+"""The paper-specific pieces of neural_batch_sampler, cavga and liac, each on a tiny example worked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.api import ConfigError
+from engine.methods.weakly_supervised.cavga import (
+    attention_expansion_loss,
+    complementary_guided_attention_loss,
+    grad_cam,
+)
+from engine.methods.weakly_supervised.liac import ACMClassifier, abnormality, logit_inducing_loss
+from engine.methods.weakly_supervised.neural_batch_sampler import (
+    SamplerPolicy,
+    loss_gap,
+    reinforce_loss,
+    sampler_reward,
+    to_patches,
+)
+from engine.runner import RunConfig, run_methods
+
+# --- LIAC ------------------------------------------------------------------------------------------------------
+
+
+def test_logit_inducing_loss_by_hand() -> None:
+    z = torch.tensor([-1.5, -0.5, 2.0, 0.2])
+    y = torch.tensor([0, 0, 1, 1])
+    # normal: (−1.5 + 1)² = 0.25, (−0.5 + 1)² = 0.25 -> 0.25; anomalous: max(0, 1 − 2)² = 0, (1 − 0.2)² = 0.64 -> 0.32
+    assert float(logit_inducing_loss(z, y, margin=1.0)) == pytest.approx(0.5 * (0.25 + 0.32))
+    # The imbalance: ten more copies of the normal images leave the loss unchanged (classes averaged apart).
+    zz = torch.cat([z, z[:2].repeat(10)])
+    yy = torch.cat([y, y[:2].repeat(10)])
+    assert float(logit_inducing_loss(zz, yy, margin=1.0)) == pytest.approx(0.5 * (0.25 + 0.32))
+    # A batch of normal images only: half the normal term; margin 2 moves both targets.
+    assert float(logit_inducing_loss(z[:2], y[:2])) == pytest.approx(0.125)
+    assert float(logit_inducing_loss(z, y, margin=2.0)) == pytest.approx(0.5 * ((0.25 + 2.25) / 2 + (0 + 3.24) / 2))
+
+
+def test_logit_inducing_loss_gradient_directions() -> None:
+    z = torch.tensor([0.0, 0.0], requires_grad=True)
+    logit_inducing_loss(z, torch.tensor([0, 1])).backward()
+    assert z.grad is not None and z.grad[0] > 0 > z.grad[1]  # normal logit pushed down, anomalous up
+
+
+def test_abnormality_capturing_by_hand() -> None:
+    protos = torch.tensor([[0.0, 0.0], [2.0, 2.0]])
+    feats = torch.tensor([[0.0, 1.0], [2.0, 2.0], [3.0, 0.0]]).t().reshape(1, 2, 1, 3)  # 3 positions, C = 2
+    a = abnormality(feats, protos)
+    # nearest squared distances 1, 0, 5 (to (2,2): 1 + 4) and 9 (to (0,0)) -> min 5; divided by C = 2
+    torch.testing.assert_close(a, torch.tensor([[[0.5, 0.0, 2.5]]]))
+    net = ACMClassifier(2, 4)
+    logit, patch = net(feats, a)
+    w = torch.softmax(torch.nn.functional.softplus(net.beta) * a.flatten(1), 1)
+    torch.testing.assert_close(logit, (w * patch.flatten(1)).sum(1))
+    assert w[0, 2] > w[0, 0] > w[0, 1]  # the most abnormal position weighs most in the image logit
+
+
+# --- CAVGA -----------------------------------------------------------------------------------------------------
+
+
+def test_attention_expansion_loss_by_hand() -> None:
+    att = torch.tensor([[[1.0, 0.5], [0.0, 0.5]]])
+    assert float(attention_expansion_loss(att)) == pytest.approx((0 + 0.5 + 1 + 0.5) / 4)
+    assert float(attention_expansion_loss(torch.ones(2, 3, 3))) == 0.0  # attending everywhere costs nothing
+
+
+def test_complementary_guided_attention_loss_by_hand() -> None:
+    a_n = torch.tensor([[[1.0, 0.5]], [[0.0, 0.0]]])
+    a_a = torch.tensor([[[0.0, 0.5]], [[1.0, 1.0]]])
+    keep = torch.tensor([True, False])  # only the first normal image was classified normal
+    # image 0: (1 − 1 + 0 + 1 − 0.5 + 0.5) / 2 = 0.5; image 1 is left out
+    assert float(complementary_guided_attention_loss(a_n, a_a, keep)) == pytest.approx(0.5)
+    assert float(complementary_guided_attention_loss(a_n, a_a, torch.tensor([True, True]))) == \
+        pytest.approx((1.0 + 4.0) / 4)  # image 1: (1 − 0 + 1) twice
+    assert float(complementary_guided_attention_loss(a_n, a_a, torch.tensor([False, False]))) == 0.0
+
+
+def test_grad_cam_by_hand_and_differentiable() -> None:
+    # class score = Σ_k w_k · mean(z_k): α_k = w_k / (h·w), attention ∝ ReLU(Σ_k w_k z_k), scaled to max 1.
+    z = torch.tensor([[[[1.0, 2.0], [0.0, -1.0]], [[0.0, 1.0], [3.0, 0.0]]]], requires_grad=True)  # (1, 2, 2, 2)
+    w = torch.tensor([1.0, -1.0], requires_grad=True)
+    score = (w.view(1, 2) * z.mean((2, 3))).sum(1)
+    att = grad_cam(z, score, create_graph=True)
+    raw = torch.relu(torch.tensor([[1.0 - 0.0, 2.0 - 1.0], [0.0 - 3.0, -1.0 - 0.0]]))  # [[1, 1], [0, 0]]
+    torch.testing.assert_close(att.detach(), (raw / raw.max())[None])
+    # With create_graph the attention loss reaches the classifier's weights (it trains them).
+    (gw,) = torch.autograd.grad(complementary_guided_attention_loss(att, torch.zeros_like(att),
+                                                                    torch.tensor([True])), w)
+    assert torch.isfinite(gw).all()
+
+
+def test_cavga_k0_is_the_same_error_as_devnet(tmp_path) -> None:
+    msgs = []
+    for name in ("devnet", "cavga"):
+        with pytest.raises(ConfigError, match="labelled anomalies") as e:
+            run_methods(tmp_path, RunConfig(methods=[name], labeled_anomalies=0))
+        msgs.append(str(e.value).replace(name, "METHOD"))
+    assert msgs[0] == msgs[1]
+
+
+# --- neural batch sampler -----------------------------------------------------------------------------------
+
+
+def test_sampler_reward_by_hand() -> None:
+    anomalous = torch.tensor([math.e, math.e ** 3])   # mean log 2
+    normal = torch.tensor([1.0, math.e ** 0.5])        # mean log 0.25
+    assert float(loss_gap(anomalous, normal)) == pytest.approx(1.75)
+    assert sampler_reward(1.75, 2.0) == pytest.approx(0.25)    # the step widened the gap: positive reward
+    assert sampler_reward(1.75, 1.5) == pytest.approx(-0.25)
+
+
+@pytest.mark.parametrize("advantage_sign", [1.0, -1.0])
+def test_policy_update_follows_the_advantage(advantage_sign: float) -> None:
+    """One REINFORCE step makes the drawn items likelier when the reward beat the baseline, and less likely when
+    it fell short."""
+    torch.manual_seed(0)
+    policy = SamplerPolicy(2, 8)
+    states = torch.randn(6, 2)
+    chosen = torch.tensor([1, 1, 4])
+    before = policy(states).exp()[chosen].detach()
+    loss = reinforce_loss(policy(states)[chosen], reward=0.5 + advantage_sign * 0.3, baseline=0.5)
+    # the surrogate's value by hand: −(r − b) · mean log π(chosen)
+    assert float(loss.detach()) == pytest.approx(-advantage_sign * 0.3 * float(before.log().mean()), rel=1e-5)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    loss.backward()
+    opt.step()
+    after = policy(states).exp()[chosen].detach()
+    change = (after.log() - before.log()).mean()
+    assert change * advantage_sign > 0
+
+
+def test_to_patches_order() -> None:
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    p, grid = to_patches(x, 2, 2)
+    assert grid == (2, 2) and p.shape == (8, 1, 2, 2)
+    torch.testing.assert_close(p[1, 0], x[0, 0, 0:2, 2:4])   # image 0, row 0, column 1
+    torch.testing.assert_close(p[6, 0], x[1, 0, 2:4, 0:2])   # image 1, row 1, column 0
