@@ -139,3 +139,44 @@ def test_to_patches_order() -> None:
     assert grid == (2, 2) and p.shape == (8, 1, 2, 2)
     torch.testing.assert_close(p[1, 0], x[0, 0, 0:2, 2:4])   # image 0, row 0, column 1
     torch.testing.assert_close(p[6, 0], x[1, 0, 2:4, 0:2])   # image 1, row 1, column 0
+
+
+# --- DevNet: every normal image takes part in training ------------------------------------------------------
+
+
+def test_normal_cycler_covers_every_image() -> None:
+    from engine.methods.weakly_supervised.devnet import NormalCycler
+
+    c = NormalCycler(5, torch.Generator().manual_seed(0))
+    first = torch.cat([c.take(2), c.take(2), c.take(1)])
+    assert sorted(first.tolist()) == [0, 1, 2, 3, 4]          # one pass = each image once
+    assert sorted(torch.cat([c.take(3), c.take(2)]).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_devnet_trains_on_normal_images_beyond_the_pool(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An epoch is a fixed number of batches (the virtual pool). With fewer pool slots than normal images, the
+    old `normal[idx % n]` never showed the images past the pool to the network (442 of Magnetic Tile's 762)."""
+    from engine import registry
+    from engine.data import discover, load_split, make_synthetic_dataset
+    from engine.methods.weakly_supervised import devnet as dm
+    from engine.runner import split_labeled
+
+    root = make_synthetic_dataset(tmp_path, "brick", n_train=8, n_test_good=2, n_defect_per_type=2, size=64)
+    ds = discover(root)
+    train, test = load_split(ds, "train", 64), load_split(ds, "test", 64)
+    lab, _ = split_labeled(test, 1, seed=0)
+    seen: list[torch.Tensor] = []
+    real = dm.PatchScorer.forward
+
+    def spy(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            seen.append(x[: x.shape[0] // 2].detach().clone())   # the batch's normal half
+        return real(self, x)
+
+    monkeypatch.setattr(dm.PatchScorer, "forward", spy)
+    det = registry.create("devnet", epochs=8, steps_per_epoch=1, batch_size=2, augment=False)
+    det.fit(train, anomalies=test.subset(lab))              # 2 pool slots, 16 normal draws over 8 images
+    feats = dm.standardise(dm.backbone_input(train, det.layers, det.backbone, det.weights, "cpu"), det.mean_,
+                           det.std_)
+    used = {int((feats - row).flatten(1).abs().amax(1).argmin()) for batch in seen for row in batch}
+    assert used == set(range(len(train)))

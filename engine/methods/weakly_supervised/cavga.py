@@ -29,6 +29,7 @@ from engine.methods.autoencoder.vae import kl_to_prior
 from engine.methods.base import BaseDetector, load_module_state, module_state
 from engine.methods.gan.ganomaly import GANomalyDiscriminator
 from engine.methods.weakly_supervised.devnet import (
+    NormalCycler,
     augmented_anomalies,
     backbone_input,
     channel_stats,
@@ -167,7 +168,8 @@ class CAVGA(BaseDetector):
         d_size = 1 << max(4, (min(target.shape[-2:]) - 1).bit_length() - 1)
         disc = seeded_module(lambda: GANomalyDiscriminator(d_size, self.ngf), self.seed + 1).to(dev)
         g = self.generator_
-        n_normal, n_anom = normal.shape[0], anom.shape[0]
+        n_anom = anom.shape[0]
+        normals = NormalCycler(normal.shape[0], g)
         cache: dict[str, Any] = {}
         log: dict[str, float] = {}
 
@@ -178,12 +180,13 @@ class CAVGA(BaseDetector):
         def forward(idx: torch.Tensor) -> None:
             b = len(idx)
             a_idx = torch.randint(n_anom, (b,), generator=g)
-            x = standardise(torch.cat([normal[idx % n_normal], anom[a_idx]]).to(dev), self.mean_, self.std_)
+            n_idx = normals.take(b)
+            x = standardise(torch.cat([normal[n_idx], anom[a_idx]]).to(dev), self.mean_, self.std_)
             mu, logvar = self.net_.encode(x)
             eps = torch.randn(mu.shape, generator=g).to(dev)
             z = mu + eps * (0.5 * logvar).exp()
             rec = self.net_.dec(z[:b])
-            cache.update(idx=idx, b=b, z=z, mu=mu, logvar=logvar, rec=rec, real=target[idx % n_normal].to(dev))
+            cache.update(idx=idx, b=b, z=z, mu=mu, logvar=logvar, rec=rec, real=target[n_idx].to(dev))
 
         def d_loss(idx: torch.Tensor) -> torch.Tensor:
             forward(idx)

@@ -135,10 +135,32 @@ def virtual_pool(steps_per_epoch: int, batch_size: int) -> int:
     """Items the shared train loop iterates over per epoch: `steps_per_epoch` full batches.
 
     The weakly supervised methods define an epoch as a fixed number of balanced batches (DevNet: 20
-    batches per epoch), independent of how many normal images there are; item i of the pool stands for
-    normal image i mod n_normal, and as many labelled anomalies are drawn per batch.
+    batches per epoch), independent of how many normal images there are. The pool's items are only slots:
+    which normal images fill a batch comes from a `NormalCycler` (every normal image in turn), and as many
+    labelled anomalies are drawn per batch.
     """
     return max(2, steps_per_epoch * batch_size)
+
+
+class NormalCycler:
+    """Normal images for the batches of a virtual pool: a seeded random order of all `n` images, taken in turn
+    and reshuffled when used up, so every normal image is trained on equally often whatever the pool's size.
+
+    (Indexing normal images by pool slot, `idx % n`, left every image past the pool's size, e.g. 442 of
+    Magnetic Tile's 762 normal images at 20 batches of 16, out of training.)
+    """
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n = n
+        self.generator = generator
+        self._order = torch.empty(0, dtype=torch.int64)
+
+    def take(self, b: int) -> torch.Tensor:
+        """The next `b` normal image indices (int64, (b,))."""
+        while self._order.numel() < b:
+            self._order = torch.cat([self._order, torch.randperm(self.n, generator=self.generator)])
+        out, self._order = self._order[:b], self._order[b:]
+        return out
 
 
 # --- DevNet ---------------------------------------------------------------------------------------------
@@ -216,12 +238,13 @@ class DevNet(BaseDetector):
         dev = self.device_
         self.scorer_ = seeded_module(lambda: PatchScorer(normal.shape[1], self.hidden), self.seed).to(dev)
         g = self.generator_
-        n_normal, n_anom = normal.shape[0], anom.shape[0]
+        n_anom = anom.shape[0]
+        normals = NormalCycler(normal.shape[0], g)
 
         def loss(idx: torch.Tensor) -> torch.Tensor:
             # Balanced batch: len(idx) normal images, as many labelled anomalies drawn with replacement.
             a_idx = torch.randint(n_anom, (len(idx),), generator=g)
-            x = torch.cat([normal[idx % n_normal], anom[a_idx]]).to(dev)
+            x = torch.cat([normal[normals.take(len(idx))], anom[a_idx]]).to(dev)
             y = torch.cat([torch.zeros(len(idx)), torch.ones(len(idx))]).to(dev)
             scores = top_k_mean(self.scorer_(standardise(x, self.mean_, self.std_)), self.topk_ratio)
             ref = torch.randn(self.n_reference, generator=g).to(dev)

@@ -27,6 +27,7 @@ from engine.components.clustering import kmeans, sq_dists
 from engine.components.train_loop import Objective, TrainConfig, train_loop
 from engine.methods.base import BaseDetector, load_module_state, module_state
 from engine.methods.weakly_supervised.devnet import (
+    NormalCycler,
     augmented_anomalies,
     backbone_input,
     channel_stats,
@@ -155,13 +156,14 @@ class LIAC(BaseDetector):
         self.net_ = seeded_module(lambda: ACMClassifier(normal.shape[1], self.hidden), self.seed).to(dev)
         n_normal, n_anom = normal.shape[0], anom.shape[0]
         p_anom = n_anom / (n_normal + n_anom)
+        normals = NormalCycler(n_normal, g)
 
         def loss(idx: torch.Tensor) -> torch.Tensor:
             # Natural proportions: each item is an anomaly view with probability p_anom; at least one per batch.
             is_anom = torch.rand(len(idx), generator=g) < p_anom
             is_anom[-1] = True
             a_idx = torch.randint(n_anom, (len(idx),), generator=g)
-            x = torch.where(is_anom[:, None, None, None], anom[a_idx], normal[idx % n_normal]).to(dev)
+            x = torch.where(is_anom[:, None, None, None], anom[a_idx], normal[normals.take(len(idx))]).to(dev)
             x = standardise(x, self.mean_, self.std_)
             logits, _ = self.net_(x, self._abnormality(x))
             return logit_inducing_loss(logits, is_anom.to(dev), self.margin)

@@ -25,6 +25,7 @@ from engine.api import ImageSet, Prediction, Progress
 from engine.components.train_loop import Objective, TrainConfig, train_loop
 from engine.methods.base import BaseDetector, load_module_state, module_state
 from engine.methods.weakly_supervised.devnet import (
+    NormalCycler,
     augmented_anomalies,
     backbone_input,
     channel_stats,
@@ -196,13 +197,14 @@ class MixedSupervision(BaseDetector):
         self.net_ = seeded_module(lambda: SegDecNet(normal.shape[1], self.seg_channels, self.volume_channels,
                                                     self.stop_gradient), self.seed).to(dev)
         g = self.generator_
-        n_normal, n_anom = normal.shape[0], anom.shape[0]
+        n_anom = anom.shape[0]
+        normals = NormalCycler(normal.shape[0], g)
         epoch = [0]
 
         def loss(idx: torch.Tensor) -> torch.Tensor:
             b = len(idx)
             a_idx = torch.randint(n_anom, (b,), generator=g)
-            x = standardise(torch.cat([normal[idx % n_normal], anom[a_idx]]).to(dev), self.mean_, self.std_)
+            x = standardise(torch.cat([normal[normals.take(b)], anom[a_idx]]).to(dev), self.mean_, self.std_)
             y = torch.cat([torch.zeros(b), torch.ones(b)]).to(dev)
             target = torch.cat([torch.zeros(b, *grid), tgt[a_idx]]).to(dev)
             weight = torch.cat([torch.ones(b, *grid), wts[a_idx]]).to(dev)
