@@ -223,7 +223,9 @@ class NeuralBatchSampler(BaseDetector):
         ae = seeded_module(lambda: PatchAE(self.widths, self.latent_channels), self.seed).to(dev)
         policy = seeded_module(lambda: SamplerPolicy(2, self.policy_hidden), self.seed + 1).to(dev)
         total = self.epochs * self.steps_per_epoch
-        save_at = {max(1, round((t + 1) * total / self.n_checkpoints)): t for t in range(self.n_checkpoints)}
+        save_at: dict[int, list[int]] = {}  # step -> checkpoints taken after it (several when steps < T)
+        for t in range(self.n_checkpoints):
+            save_at.setdefault(max(1, round((t + 1) * total / self.n_checkpoints)), []).append(t)
         checkpoints: dict[str, torch.Tensor] = {}
         st: dict[str, Any] = {"step": 0, "baseline": 0.0, "rewards": []}
 
@@ -254,9 +256,8 @@ class NeuralBatchSampler(BaseDetector):
             st["baseline"] = self.baseline_decay * st["baseline"] + (1 - self.baseline_decay) * reward
             st["rewards"].append(reward)
             st["step"] += 1
-            if st["step"] in save_at:
-                checkpoints.update({f"ae{save_at[st['step']]}.{k}": v.detach().cpu().clone()
-                                    for k, v in ae.state_dict().items()})
+            for t in save_at.get(st["step"], []):
+                checkpoints.update({f"ae{t}.{k}": v.detach().cpu().clone() for k, v in ae.state_dict().items()})
             return loss
 
         cfg = TrainConfig(epochs=self.epochs, lr=self.lr, weight_decay=0.0, batch_size=self.batch_size,
@@ -265,11 +266,9 @@ class NeuralBatchSampler(BaseDetector):
                     Objective(policy.parameters(), policy_loss, name="sampler", lr=self.policy_lr)],
                    virtual_pool(self.steps_per_epoch, self.batch_size), cfg, modules=[ae, policy], device=dev,
                    progress=progress)
-        last = f"ae{self.n_checkpoints - 1}."
-        if not any(k.startswith(last) for k in checkpoints):  # fewer steps ran than planned: keep the last weights
-            for t in range(self.n_checkpoints):
-                if not any(k.startswith(f"ae{t}.") for k in checkpoints):
-                    checkpoints.update({f"ae{t}.{k}": v.detach().cpu().clone() for k, v in ae.state_dict().items()})
+        for t in range(self.n_checkpoints):  # fewer steps ran than planned: the rest take the last weights
+            if not any(k.startswith(f"ae{t}.") for k in checkpoints):
+                checkpoints.update({f"ae{t}.{k}": v.detach().cpu().clone() for k, v in ae.state_dict().items()})
         self.checkpoints_ = checkpoints
 
         # Classifier on loss profiles: unseen normal patches (0) vs labelled anomalous patches (1).
