@@ -17,7 +17,8 @@ Here, on image patches (so the classifier's patch outputs form the anomaly map):
   3. The autoencoder's weights are saved at T evenly spaced steps; a patch's loss profile is its T losses under
      those weights (so new images get a profile after fit, too).
   4. A classifier (MLP on the standardised log loss profile) is trained on held-out normal patches (label 0) and
-     patches of labelled anomalies inside their masks (label 1; every patch when an anomaly has no mask).
+     patches of labelled anomalies inside their masks (label 1; every patch when an anomaly has no mask), at most
+     `max_profile_patches` of each.
 Score: the largest patch logit of an image; map: the patch logits.
 """
 
@@ -118,7 +119,8 @@ def to_patches(x: torch.Tensor, patch: int, stride: int) -> tuple[torch.Tensor, 
           "patches only, and held-out normal images (a quarter) and the labelled anomalies stay unseen by the "
           "autoencoder so the classifier learns on profiles like those of new images.",
     faithful=False, trained=True, uses_backbone=False,
-    presets={"test": {"epochs": 8, "steps_per_epoch": 8, "eval_patches": 128, "cls_epochs": 30},
+    presets={"test": {"epochs": 8, "steps_per_epoch": 8, "eval_patches": 64, "max_profile_patches": 256,
+                      "cls_epochs": 30},
              "fast": {"epochs": 20, "steps_per_epoch": 20},
              "quality": {"size": 128, "patch": 32, "stride": 16, "widths": (32, 64, 128), "epochs": 100,
                          "steps_per_epoch": 50}},
@@ -131,7 +133,8 @@ class NeuralBatchSampler(BaseDetector):
 
     def __init__(self, size: int = 64, patch: int = 16, stride: int = 8, widths: tuple[int, ...] = (32, 64),
                  latent_channels: int = 32, n_checkpoints: int = 10, holdout: float = 0.25, policy_hidden: int = 16,
-                 baseline_decay: float = 0.9, eval_patches: int = 256, augment: bool = True, epochs: int = 20,
+                 baseline_decay: float = 0.9, eval_patches: int = 256, max_profile_patches: int = 4096,
+                 augment: bool = True, epochs: int = 20,
                  steps_per_epoch: int = 20, batch_size: int = 32, lr: float = 1e-3, policy_lr: float = 1e-2,
                  cls_epochs: int = 50, cls_batch_size: int = 256, seed: int = 0):
         self.size = size
@@ -144,6 +147,7 @@ class NeuralBatchSampler(BaseDetector):
         self.policy_hidden = policy_hidden
         self.baseline_decay = baseline_decay
         self.eval_patches = eval_patches
+        self.max_profile_patches = max_profile_patches
         self.augment = augment
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
@@ -271,10 +275,14 @@ class NeuralBatchSampler(BaseDetector):
                 checkpoints.update({f"ae{t}.{k}": v.detach().cpu().clone() for k, v in ae.state_dict().items()})
         self.checkpoints_ = checkpoints
 
-        # Classifier on loss profiles: unseen normal patches (0) vs labelled anomalous patches (1).
-        prof = torch.cat([self._profiles(held_p), self._profiles(anom_p)])
-        y = torch.cat([torch.zeros(held_p.shape[0]), anom_lab.float()])
-        normal_rows = prof[: held_p.shape[0]]
+        # Classifier on loss profiles: unseen normal patches (0) vs labelled anomalous patches (1), at most
+        # `max_profile_patches` of each (a seeded subset; profiles cost T autoencoder passes each).
+        cap = self.max_profile_patches
+        cls_n = held_p[torch.randperm(held_p.shape[0], generator=g)[:cap]]
+        cls_a = pos[torch.randperm(pos.shape[0], generator=g)[:cap]]
+        prof = torch.cat([self._profiles(cls_n), self._profiles(cls_a)])
+        y = torch.cat([torch.zeros(cls_n.shape[0]), torch.ones(cls_a.shape[0])])
+        normal_rows = prof[: cls_n.shape[0]]
         self.prof_mean_, self.prof_std_ = normal_rows.mean(0), normal_rows.std(0).clamp_min(1e-4)
         xs = ((prof - self.prof_mean_) / self.prof_std_).to(dev)
         y = y.to(dev)
