@@ -139,12 +139,20 @@ FAMILY_TEXT: dict[str, FamilyText] = {
         how=("Besides many good images, the model also gets a handful of labelled defective ones. It is trained so "
              "that normal scores stay near a reference value while the few known defects are pushed far beyond it. "
              "In this lab you choose K: that many defective test images of each type move into training and are "
-             "left out of the evaluation."),
+             "left out of the evaluation. The systems differ in how they use those few defects: a deviation network "
+             "(DevNet) pushes their scores past a margin; mixed supervision also learns from their outlines; the "
+             "neural batch sampler watches how an autoencoder's error on each patch evolves during training (it "
+             "keeps falling on normal patches) while a learned sampler picks the training batches that make "
+             "defects stand out; CAVGA trains a classifier whose attention must cover the whole of a good image "
+             "and none of it for the defect class; LIAC weighs the few defects as much as the many good images "
+             "and first measures how far each region is from typical good regions."),
         strengths=["A few real defects sharpen the decision a lot.",
                    "Directly optimises the score used for ranking."],
         failures=["Can overfit to the defect types it was shown and miss new kinds.",
                   "Results depend on which K examples were picked.",
-                  "Needs labels, which the other families do without."],
+                  "Needs labels, which the other families do without.",
+                  "Compare with the best unsupervised method of the same run: on some lines the labels help, on "
+                  "others a method that ignores them does as well."],
         localisation="Depends on the method: score-only deviation networks give no map.",
     ),
 }
