@@ -113,11 +113,11 @@ def to_patches(x: torch.Tensor, patch: int, stride: int) -> tuple[torch.Tensor, 
           "reproduced. Ours: 16×16 patches at stride 8 of 64 px images (quality: 32×32 at stride 16 of 128 px), "
           "small conv autoencoder, policy = MLP over each pool patch's (log loss, change since last refresh) with "
           "a softmax over the pool, reward = change of the anomalous–normal mean log-loss gap over one step, "
-          "REINFORCE with a moving-average baseline. Unlike the paper (which records profiles of the data it "
-          "scores during training), the autoencoder is saved at T = 10 steps and a profile is the T losses under "
-          "those weights, so images are scored after fit like every adlab method; the sampler draws from normal "
-          "patches only, and held-out normal images (a quarter) and the labelled anomalies stay unseen by the "
-          "autoencoder so the classifier learns on profiles like those of new images.",
+          "REINFORCE with a moving-average baseline. The paper's profile is the sequence of losses recorded while "
+          "training; here the autoencoder is saved at T = 10 steps and a profile is the T losses under those "
+          "weights, so images never seen in training get one after fit like in every adlab method; the sampler "
+          "draws from normal patches only, and held-out normal images (a quarter) and the labelled anomalies "
+          "stay unseen by the autoencoder so the classifier learns on profiles like those of new images.",
     faithful=False, trained=True, uses_backbone=False,
     presets={"test": {"epochs": 8, "steps_per_epoch": 8, "eval_patches": 64, "max_profile_patches": 256,
                       "cls_epochs": 30},
