@@ -632,15 +632,16 @@ METHODS = [{'name': 'efficient_ad',
   'notes': "CAVGA-Wu, the paper's weakly supervised variant: convolutional latent (VAE, reparameterised), decoder, "
            'discriminator on reconstructions, binary classifier on the latent, Grad-CAM attention on the latent, '
            "complementary guided attention loss on correctly classified normal images; score = the classifier's "
-           "anomalous log-odds, map = the anomalous class's attention times its probability (so maps compare across "
-           "images). K = 0: the paper's unsupervised CAVGA-Du (attention expansion loss instead of a classifier) is "
-           "not registered; adlab's cavga needs labelled anomalies and K = 0 is the same error as DevNet's (the "
-           'expansion loss is implemented and tested). Differences: the encoder is frozen ImageNet '
-           'EfficientNet-Lite0 (blocks.4, stride 16) plus a trainable conv head, not a fine-tuned ResNet-18; the '
-           "decoder is the shared convolutional decoder and the discriminator GANomaly's DCGAN one; loss weights 1 "
-           'for reconstruction (MSE), adversarial, per-pixel KL, classification and L_cga (ours); balanced batches '
-           'with flip/rotation views of the anomalies (as DevNet); AdamW. fast (reduced): 8-times narrower decoder '
-           'and discriminator, 300 steps.',
+           "anomalous log-odds, map = 1 − the normal class's attention (CAVGA-Du's test map; the anomalous class's "
+           "attention came out zero everywhere here, L_cga pushes it below Grad-CAM's ReLU), times the anomalous "
+           "probability so maps compare across images. K = 0: the paper's unsupervised CAVGA-Du (attention expansion "
+           "loss instead of a classifier) is not registered; adlab's cavga needs labelled anomalies and K = 0 is the "
+           "same error as DevNet's (the expansion loss is implemented and tested). Differences: the encoder is "
+           'frozen ImageNet EfficientNet-Lite0 (blocks.4, stride 16) plus a trainable conv head, not a fine-tuned '
+           "ResNet-18; the decoder is the shared convolutional decoder and the discriminator GANomaly's DCGAN one; "
+           'loss weights 1 for reconstruction (MSE), adversarial, per-pixel KL, classification and L_cga (ours); '
+           'balanced batches with flip/rotation views of the anomalies (as DevNet); AdamW. fast (reduced): 8-times '
+           'narrower decoder and discriminator, 300 steps.',
   'trained': True,
   'uses_backbone': True,
   'presets': {'test': {'epochs': 12, 'steps_per_epoch': 10, 'batch_size': 8, 'widths': (8, 16, 32, 64), 'ngf': 8},

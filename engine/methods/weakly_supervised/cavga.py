@@ -11,7 +11,9 @@ A^c = ReLU(Σ_k α_k^c z_k), α_k^c = mean over positions of ∂y^c/∂z_k, scal
   trained on the normal images and the few labelled anomalies, and the *complementary guided attention loss*
   on the normal images the classifier gets right: L_cga = mean(1 − A^{normal} + A^{anomalous}); the normal
   class's attention should cover the whole image and the anomalous class's none of it.
-  At test time the score is the classifier's anomalous log-odds and the map is A^{anomalous}.
+  At test time the score is the classifier's anomalous log-odds. The map is 1 − A^{normal} (what the normal
+  class's attention leaves out, CAVGA-Du's test map), times the anomalous probability: A^{anomalous} itself came
+  out zero everywhere in our runs (L_cga drives Σ α_k z_k below the ReLU on every image), a constant map.
 """
 
 from __future__ import annotations
@@ -100,15 +102,16 @@ class CAVGANet(nn.Module):
     notes="CAVGA-Wu, the paper's weakly supervised variant: convolutional latent (VAE, reparameterised), decoder, "
           "discriminator on reconstructions, binary classifier on the latent, Grad-CAM attention on the latent, "
           "complementary guided attention loss on correctly classified normal images; score = the classifier's "
-          "anomalous log-odds, map = the anomalous class's attention times its probability (so maps compare across "
-          "images). K = 0: the paper's unsupervised CAVGA-Du (attention expansion loss instead of a classifier) is "
-          "not registered; adlab's cavga needs labelled anomalies and K = 0 is the same error as DevNet's "
-          "(the expansion loss is implemented and tested). Differences: the encoder is frozen ImageNet "
-          "EfficientNet-Lite0 (blocks.4, stride 16) plus a trainable conv head, not a fine-tuned ResNet-18; the "
-          "decoder is the shared convolutional decoder and the discriminator GANomaly's DCGAN one; loss weights "
-          "1 for reconstruction (MSE), adversarial, per-pixel KL, classification and L_cga (ours); balanced "
-          "batches with flip/rotation views of the anomalies (as DevNet); AdamW. fast (reduced): 8-times "
-          "narrower decoder and discriminator, 300 steps.",
+          "anomalous log-odds, map = 1 − the normal class's attention (CAVGA-Du's test map; the anomalous class's "
+          "attention came out zero everywhere here, L_cga pushes it below Grad-CAM's ReLU), times the anomalous "
+          "probability so maps compare across images. K = 0: the paper's unsupervised CAVGA-Du (attention "
+          "expansion loss instead of a classifier) is not registered; adlab's cavga needs labelled anomalies and "
+          "K = 0 is the same error as DevNet's (the expansion loss is implemented and tested). Differences: the "
+          "encoder is frozen ImageNet EfficientNet-Lite0 (blocks.4, stride 16) plus a trainable conv head, not a "
+          "fine-tuned ResNet-18; the decoder is the shared convolutional decoder and the discriminator GANomaly's "
+          "DCGAN one; loss weights 1 for reconstruction (MSE), adversarial, per-pixel KL, classification and "
+          "L_cga (ours); balanced batches with flip/rotation views of the anomalies (as DevNet); AdamW. fast "
+          "(reduced): 8-times narrower decoder and discriminator, 300 steps.",
     faithful=True, trained=True, uses_backbone=True,
     presets={"test": {"epochs": 12, "steps_per_epoch": 10, "batch_size": 8, "widths": (8, 16, 32, 64), "ngf": 8},
              "fast": {"epochs": 20, "steps_per_epoch": 15, "batch_size": 8, "widths": (8, 16, 32, 64), "ngf": 8},
@@ -235,10 +238,10 @@ class CAVGA(BaseDetector):
                 x = standardise(feats[i:i + 32].clone().to(self.device_), self.mean_, self.std_)
                 z = self.net_.encode(x)[0].detach().requires_grad_(True)
                 logits = self.net_.cls(z).float()
-                att_a = grad_cam(z, logits[:, 1])
+                att_n = grad_cam(z, logits[:, 0])
                 odds = (logits[:, 1] - logits[:, 0]).detach()
                 scores.append(odds.cpu())
-                maps.append((att_a * torch.sigmoid(odds).view(-1, 1, 1)).detach().float().cpu())
+                maps.append(((1.0 - att_n) * torch.sigmoid(odds).view(-1, 1, 1)).detach().float().cpu())
         return Prediction(scores=torch.cat(scores), maps=torch.cat(maps))
 
     def _state(self) -> dict[str, torch.Tensor]:
