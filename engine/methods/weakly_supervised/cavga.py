@@ -168,7 +168,7 @@ class CAVGA(BaseDetector):
         self.net_ = seeded_module(lambda: CAVGANet(normal.shape[1], self.latent_channels, self.widths),
                                   self.seed).to(dev)
         # The DCGAN discriminator wants a square power-of-two input; reconstructions are resized to one.
-        d_size = 1 << max(4, (min(target.shape[-2:]) - 1).bit_length() - 1)
+        d_size = 1 << max(4, min(target.shape[-2:]).bit_length() - 1)  # largest power of two ≤ the side
         disc = seeded_module(lambda: GANomalyDiscriminator(d_size, self.ngf), self.seed + 1).to(dev)
         g = self.generator_
         n_anom = anom.shape[0]
