@@ -74,3 +74,18 @@ def test_fast_and_quality_presets_bound_every_epoch_trained_method() -> None:
         # quality may be the paper's uncapped schedule (max_steps None); a cap must not be below fast's
         q_steps = registry.create(info.name, preset="quality").get_params().get("max_steps")
         assert q_steps is None or q_steps >= fast["max_steps"], info.name
+
+
+def test_the_loop_uses_the_optimiser_a_method_asks_for() -> None:
+    import pytest
+    import torch
+
+    from engine.components.train_loop import Objective, TrainConfig, _optimizer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    sgd = _optimizer(Objective([p], lambda i: p.sum()), TrainConfig(optimizer="sgd", lr=0.4, momentum=0.9,
+                                                                    weight_decay=1e-4))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9 and sgd.defaults["lr"] == 0.4
+    assert isinstance(_optimizer(Objective([p], lambda i: p.sum()), TrainConfig()), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="use 'adamw' or 'sgd'"):
+        _optimizer(Objective([p], lambda i: p.sum()), TrainConfig(optimizer="adam"))

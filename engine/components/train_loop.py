@@ -46,6 +46,8 @@ class TrainConfig:
     seed: int = 0
     lr_milestones: tuple[float, ...] = ()
     lr_gamma: float = 0.1
+    optimizer: str = "adamw"  # "adamw" (betas from each Objective) or "sgd" (with `momentum`, a paper's choice)
+    momentum: float = 0.9
 
 
 @dataclass
@@ -108,6 +110,15 @@ def lr_factor(step: int, total_steps: int, milestones: tuple[float, ...], gamma:
     return gamma ** sum(step >= round(m * total_steps) for m in milestones)
 
 
+def _optimizer(o: Objective, cfg: TrainConfig) -> torch.optim.Optimizer:
+    lr = o.lr or cfg.lr
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(list(o.params), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(list(o.params), lr=lr, weight_decay=cfg.weight_decay, betas=o.betas)
+    raise ValueError(f"optimizer {cfg.optimizer!r}: use 'adamw' or 'sgd'")
+
+
 def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: TrainConfig, *,
                modules: list[nn.Module], device: str = "cpu", progress: Progress = no_progress,
                val_loss: Callable[[torch.Tensor], float] | None = None) -> TrainResult:
@@ -121,8 +132,7 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
     g = torch.Generator().manual_seed(cfg.seed)
     train_idx, val_idx = split_indices(n_items, cfg.val_fraction, g)
     bs = cfg.cuda_batch_size if device.startswith("cuda") else cfg.batch_size
-    opts = [torch.optim.AdamW(list(o.params), lr=o.lr or cfg.lr, weight_decay=cfg.weight_decay, betas=o.betas)
-            for o in objs]
+    opts = [_optimizer(o, cfg) for o in objs]
     all_params = [p for o in opts for grp in o.param_groups for p in grp["params"]]
     res = TrainResult()
     best = math.inf

@@ -65,13 +65,16 @@ def normalised_sq_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     summary="A student network trained from scratch to mimic a frozen pretrained teacher's feature pyramid; "
             "anomalies are where they disagree.",
     notes="Teacher and student are EfficientNet-Lite0 (stages blocks.1/2/4, strides 4/8/16) instead of ResNet-18 "
-          "conv2_x–conv4_x. Optimiser is AdamW from the shared train loop (paper: SGD, lr 0.4, momentum 0.9) with "
-          "early stopping on a held-out slice of the normal images; far fewer epochs than the paper's 100 on CPU. "
+          "conv2_x–conv4_x. quality trains with the paper's optimiser (SGD, lr 0.4, momentum 0.9, weight decay 1e-4) "
+          "for up to 100 epochs (250 steps on CPU); fast and test use AdamW at lr 5e-3 for 60 steps (on mpdd "
+          "metal_plate, fast: AdamW 0.966 image AUROC, SGD 0.971, seeds 1 and 2 0.963 and 0.982). Both stop early "
+          "on a held-out slice of the normal images. "
           "Loss, product-of-scales anomaly map and max image score follow the paper; no smoothing by default.",
     faithful=True, trained=True,
     presets={"test": {"epochs": 10, "lr": 5e-3},
              "fast": {"max_steps": 60, "epochs": 10, "lr": 5e-3},
-             "quality": {"max_steps": 250, "epochs": 100, "lr": 2e-3, "patience": 15}},
+             "quality": {"max_steps": 250, "epochs": 100, "optimizer": "sgd", "lr": 0.4, "weight_decay": 1e-4,
+                         "grad_clip": None, "patience": 15}},
 )
 class STFPM(BaseDetector):
     """Student–teacher feature pyramid matching.
@@ -84,7 +87,8 @@ class STFPM(BaseDetector):
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
                  layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4"), epochs: int = 10,
                  lr: float = 5e-3, batch_size: int = 8, patience: int = 5, sigma: float = 0.0,
-                 max_steps: int | None = None, seed: int = 0):
+                 max_steps: int | None = None, optimizer: str = "adamw", weight_decay: float = 1e-5,
+                 grad_clip: float | None = 5.0, seed: int = 0):
         self.backbone = backbone
         self.weights = weights
         self.layers = tuple(layers)
@@ -94,6 +98,9 @@ class STFPM(BaseDetector):
         self.patience = patience
         self.sigma = sigma
         self.max_steps = max_steps
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
+        self.grad_clip = grad_clip
         self.seed = seed
 
     def _teacher(self, images: ImageSet, progress: Progress = no_progress) -> list[torch.Tensor]:
@@ -113,8 +120,8 @@ class STFPM(BaseDetector):
                        for t, s in zip(teacher, feats, strict=True))
 
         cfg = TrainConfig(max_steps=self.max_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                          patience=self.patience,
-                          seed=self.seed)
+                          patience=self.patience, optimizer=self.optimizer, weight_decay=self.weight_decay,
+                          grad_clip=self.grad_clip, seed=self.seed)
         res = train_loop(Objective(self.student_.parameters(), loss, name="loss"), len(train), cfg,
                          modules=[self.student_], device=self.device_, progress=progress)
         self.history_ = res.history
