@@ -157,7 +157,7 @@ def suggestion(summary: SizeSummary | None, image_size: int = DEFAULT_SIDE) -> s
     else:
         parts.append(f"keep aspect at {side} → {w}×{h} (square would squash them {max(s.aspect, 1 / s.aspect):.2g}:1)")
     native = default_side(s, tile=image_size)
-    if native >= 2 * image_size:
+    if native > 1.25 * image_size:  # resizing to image_size would throw away pixels: tiles keep them
         nh, nw = working_shape(s, native, "keep-aspect")
         t = tiles_per_image((nh, nw), image_size)
         parts.append(f"or tile {image_size} ({t} tiles per image at native {nw}×{nh}: small defects keep their pixels)")
