@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEFECT_COLS, DEFECT_ROWS, TALL_H, TALL_W
+from PIL import Image
 
 from engine import estimates
 from engine.api import ConfigError, ImageSet, Prediction
@@ -198,3 +199,17 @@ def test_estimates_count_tiles_and_pixels() -> None:
     assert tiled.tiles == 16 and "16 tiles" in tiled.size_text
     # unmeasured methods get the prior, growing with the pixels held: 16 tiles of 128 px = one 512 px image
     assert tiled.peak_mb == pytest.approx(plain.peak_mb)
+
+
+def test_saved_tiled_model_scores_new_files_as_in_its_run(tall: Path, tmp_path: Path) -> None:
+    from engine.predict import predict_to_folder
+
+    res = run_methods(tall, RunConfig(methods=["padim"], image_size=64, tile=64, device="cpu"),
+                      save_models=tmp_path / "models")
+    rec = res["runs"][0]
+    spot = [i for i in rec["images"] if i["defect_type"] == "spot"][:2]
+    out = predict_to_folder(tmp_path / "models", [i["path"] for i in spot], out=tmp_path / "pred")
+    assert out["image_shape"] == [H, 64]
+    np.testing.assert_allclose([i["score"] for i in out["images"]], [i["score"] for i in spot], rtol=1e-4)
+    heat = np.asarray(Image.open(tmp_path / "pred" / out["images"][0]["heatmap"]))
+    assert heat.shape[:2] == (H, 64)
