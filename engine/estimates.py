@@ -74,13 +74,14 @@ class JobEstimate:
     image_size: int
     shape: tuple[int, int] | None = None  # (H, W) when not image_size square
     tiles: int = 1  # tiles per image
+    tile_side: int = 0  # their side in px
 
     @property
     def size_text(self) -> str:
         """'256 px', '256×640 px' or '512×512 px in 9 tiles each'."""
         h, w = self.shape or (self.image_size, self.image_size)
         text = f"{self.image_size} px" if h == w and self.shape is None else f"{h}×{w} px"
-        return text + (f" in {self.tiles} tiles each" if self.tiles > 1 else "")
+        return text + (f" in {self.tiles} tiles of {self.tile_side} px each" if self.tiles > 1 else "")
 
     @property
     def unmeasured(self) -> list[str]:
@@ -285,7 +286,8 @@ def estimate_job(methods: list[tuple[str, dict[str, Any], bool]], *, n_train: in
                + max((e.backbone_s for e in timed), default=0.0)) if timed else None
     return JobEstimate(methods=ests, seconds=seconds, peak_mb=max((e.peak_mb for e in ests), default=0.0),
                        limit_mb=job_memory_limit_mb(), n_images=n_train + n_test, image_size=image_size,
-                       shape=shape, tiles=1 if shape is None else work_units(shape, tile, overlap)[0])
+                       shape=shape, tiles=1 if shape is None else work_units(shape, tile, overlap)[0],
+                       tile_side=0 if shape is None else int(work_units(shape, tile, overlap)[1]))
 
 
 def gb_text(mb: float) -> str:

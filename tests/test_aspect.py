@@ -196,7 +196,7 @@ def test_estimates_count_tiles_and_pixels() -> None:
                                    device="cpu", shape=(512, 512))
     tiled = estimates.estimate_job([("padim", {}, False)], n_train=10, n_test=5, image_size=256, preset="fast",
                                    device="cpu", shape=(512, 512), tile=128, overlap=0.0)
-    assert tiled.tiles == 16 and "16 tiles" in tiled.size_text
+    assert tiled.tiles == 16 and "16 tiles of 128 px" in tiled.size_text
     # unmeasured methods get the prior, growing with the pixels held: 16 tiles of 128 px = one 512 px image
     assert tiled.peak_mb == pytest.approx(plain.peak_mb)
 

@@ -30,7 +30,7 @@ class DataInfo:
     warnings: list[str]
     has_masks: bool
     is_sample: bool
-    working_size: int = 256  # the engine's default resolution for this dataset (never upsampling)
+    working_size: int = 256  # the engine's default (short) side for this dataset (never upsampling)
     is_server: bool = False  # opened in place from a server folder under ADLAB_DATA_ROOTS (read-only)
     size_advice: str = ""  # the images' sizes and the suggested setting (engine.data.geometry.suggestion)
     square: bool = True  # the training images' median aspect ratio is 1
@@ -86,7 +86,7 @@ def _info(path: str, ds: Dataset) -> DataInfo:
     return DataInfo(path=path, name=ds.name, digest=ds.digest, layout=ds.layout, n_train=ds.n_train,
                     n_test=ds.n_test, defect_types=list(ds.defect_types), warnings=list(ds.warnings),
                     has_masks=ds.has_masks, is_sample=Path(path).resolve().parent == SAMPLE_ROOT.resolve(),
-                    working_size=ds.working_size(), is_server=_under_server_root(path, data_roots.data_roots()),
+                    working_size=min(ds.working_shape()), is_server=_under_server_root(path, data_roots.data_roots()),
                     size_advice=geometry.suggestion(summary), square=summary is None or summary.square,
                     native_side=geometry.default_side(summary, tile=geometry.DEFAULT_SIDE))
 
@@ -175,15 +175,18 @@ def counts_table(path: str) -> pd.DataFrame:
 
 
 def thumbnails(path: str, per_type: int = 4, size: int = 128) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(caption, image (H,W,3) uint8, mask (H,W) or None) for a few test images of every type, good first."""
+    """(caption, image (H,W,3) uint8, mask (H,W) or None) for a few test images of every type, good first; the
+    long side `size`, the short side in the images' (median) aspect ratio, as the engine keeps it."""
     from dashboard.views.images import to_rgb_uint8
 
     ds = _dataset(path)
     picks: list[int] = []
     for t in ["good", *ds.defect_types]:
         picks += [i for i, s in enumerate(ds.test) if s.defect_type == t][:per_type]
+    h, w = ds.working_shape(size)
+    shape = (max(8, round(h * size / max(h, w))), max(8, round(w * size / max(h, w))))
     try:
-        imgs = load_split(ds, "test", size, indices=picks)
+        imgs = load_split(ds, "test", shape, indices=picks)
     except Exception as e:  # noqa: BLE001
         raise _user_error(e) from None
     out = []
