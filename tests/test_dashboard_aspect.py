@@ -53,6 +53,7 @@ def test_tiled_run_heatmaps_keep_the_images_shape(tall_strips: Path) -> None:
     results = services.latest_results(info.digest)
     assert results["config"]["tile"] == 64 and results["config"]["resize"] == "keep-aspect"
     assert "tiles" in services.geometry_text(results["config"])
+    assert results["runs"][0]["tiles_per_image"] == 5  # the job (in its worker process) really tiled: 256 px / 64
     spot = next(i["path"] for i in results["runs"][0]["images"] if i["defect_type"] == "spot")
     panels = services.heatmap_panels(results, spot)
     shape = (TALL_H, 64)  # short side 64 = the native width: the images keep their 4:1 aspect
