@@ -65,7 +65,7 @@ def main() -> None:
             for mode in args.modes.split(","):
                 if mode == "keep-aspect" and square_data:
                     rows += [{**r, "mode": "keep-aspect (= square: square data)"} for r in rows
-                             if r["data"] == data and r["mode"] == "square"]
+                             if r["data"] == Path(data).name and r["mode"] == "square"]
                     continue
                 cfg = RunConfig(methods=methods, image_size=args.image_size, resize="square", preset="fast")
                 if mode == "keep-aspect":
