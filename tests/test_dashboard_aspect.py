@@ -35,7 +35,7 @@ def test_train_page_tiling_changes_the_estimate(tall_strips: Path) -> None:
     assert at.checkbox(key="keep_aspect").value is True
     at.checkbox(key="tile_on").check().run()
     assert not at.exception
-    assert any("tiles each" in m.value for m in at.markdown), [m.value for m in at.markdown]
+    assert any("in 5 tiles of 64 px each" in m.value for m in at.markdown), [m.value for m in at.markdown]
 
 
 def test_tiled_run_heatmaps_keep_the_images_shape(tall_strips: Path) -> None:
