@@ -120,7 +120,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     cfg = RunConfig(methods=methods, image_size=args.image_size, device=args.device, backbone=args.backbone,
                     weights=args.weights, preset=args.preset, labeled_anomalies=args.labeled_anomalies,
-                    seed=args.seed, params=params, use_cache=not args.no_cache)
+                    seed=args.seed, params=params, use_cache=not args.no_cache, resize=args.resize, tile=args.tile,
+                    tile_overlap=args.tile_overlap)
     save_models = getattr(args, "save_models", None)
     bars: dict[str, Any] = {}
     tty = sys.stderr.isatty()
@@ -315,7 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset folder (MVTec or folder layout) or .zip")
     p.add_argument("--methods", required=True, help="comma-separated names, see `adlab methods`")
     p.add_argument("--image-size", type=int, default=None,
-                   help="working resolution in px (default: 256, or the images' own size when smaller)")
+                   help="working resolution in px, the short side with --resize keep-aspect (default: 256, or the "
+                        "images' own size when smaller; with --tile, their native size)")
+    p.add_argument("--resize", default="keep-aspect", choices=["keep-aspect", "square"],
+                   help="keep-aspect (default): the short side to --image-size, the long side in the images' "
+                        "aspect ratio; square: squash every image to --image-size x --image-size")
+    p.add_argument("--tile", type=int, default=None, metavar="N",
+                   help="cut each image into overlapping NxN tiles (at native resolution unless --image-size is "
+                        "given); maps are stitched back, an image's score is the max over its tiles")
+    p.add_argument("--tile-overlap", type=float, default=0.25, metavar="F",
+                   help="least overlap of neighbouring tiles, a fraction of a tile (default 0.25)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default="auto", help="auto | bundled | hub | random | PATH to a weights file")

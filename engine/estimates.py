@@ -13,6 +13,8 @@ live in one small JSON file, ``<cache root>/estimates.json``, a few measurements
 - fit seconds (without the backbone) grow with the optimiser steps x batch x working pixels for methods that
   train a network (the presets cap the steps, so more images do not mean longer training past the cap), and
   with n_train x working pixels for the others; predict seconds with n_test x working pixels.
+Non-square and tiled runs (issue 17) are counted in work units: a method that sees T tiles of t px per image is
+costed as T x (n_train + n_test) images of t² pixels, and an H x W image as a square of the same pixel count.
 A method never measured here gets no time estimate (the page says so) and a deliberately generous memory prior,
 so a job is never refused on a guess that is too low. A job's memory is the largest of its methods' (they run one
 after another); its time is the sum, with the backbone pass counted once (the methods share its features).
@@ -34,6 +36,7 @@ from typing import Any
 
 from engine.cache import atomic_write
 from engine.data import cache_root
+from engine.data.geometry import DEFAULT_OVERLAP, work_units
 
 log = logging.getLogger("adlab.estimates")
 
@@ -69,6 +72,16 @@ class JobEstimate:
     limit_mb: float
     n_images: int
     image_size: int
+    shape: tuple[int, int] | None = None  # (H, W) when not image_size square
+    tiles: int = 1  # tiles per image
+    tile_side: int = 0  # their side in px
+
+    @property
+    def size_text(self) -> str:
+        """'256 px', '256×640 px' or '512×512 px in 9 tiles each'."""
+        h, w = self.shape or (self.image_size, self.image_size)
+        text = f"{self.image_size} px" if h == w and self.shape is None else f"{h}×{w} px"
+        return text + (f" in {self.tiles} tiles of {self.tile_side} px each" if self.tiles > 1 else "")
 
     @property
     def unmeasured(self) -> list[str]:
@@ -83,7 +96,7 @@ class JobEstimate:
         how = ("measured on earlier runs here" if worst.measured
                else "not measured on this machine yet, so a generous guess")
         return (f"This run would need about {gb_text(self.peak_mb)} of memory ({worst.method} on "
-                f"{self.n_images} images at {self.image_size} px; {how}), more than the "
+                f"{self.n_images} images at {self.size_text}; {how}), more than the "
                 f"{gb_text(self.limit_mb)} one training job may use on this machine (ADLAB_JOB_MEMORY_GB). "
                 "Try a smaller image size, fewer images or fewer methods.")
 
@@ -147,13 +160,25 @@ def load() -> dict[str, list[dict[str, Any]]]:
         return {}
 
 
+def units(n_train: int, n_test: int, image_size: float, shape: tuple[int, int] | None = None,
+          tile: int | None = None, overlap: float = DEFAULT_OVERLAP) -> tuple[int, int, float]:
+    """(train units, test units, side of a unit): what a method sees, in square images (module notes)."""
+    if shape is None and tile is None:
+        return n_train, n_test, float(image_size)
+    per, side = work_units(shape or (int(image_size), int(image_size)), tile, overlap)
+    return n_train * per, n_test * per, side
+
+
 def record(rec: dict[str, Any], *, n_train: int, n_test: int, image_size: int, preset: str, device: str,
-           base_mb: float) -> None:
-    """Store the cost of one finished run record (status ok, not from the cache); others are ignored."""
+           base_mb: float, shape: tuple[int, int] | None = None, tile: int | None = None,
+           overlap: float = DEFAULT_OVERLAP) -> None:
+    """Store the cost of one finished run record (status ok, not from the cache); others are ignored. `shape`
+    (H, W) and `tile`: the run's working geometry, stored as work units (see `units`)."""
     t = rec.get("timing") or {}
     if rec.get("status") != "ok" or rec.get("cached") or t.get("fit_s") is None or t.get("peak_mem_mb") is None:
         return
-    m = {"n_train": int(n_train), "n_test": int(n_test), "image_size": int(image_size), "preset": preset,
+    n_train, n_test, side = units(n_train, n_test, image_size, shape, tile, overlap)
+    m = {"n_train": int(n_train), "n_test": int(n_test), "image_size": round(side, 2), "preset": preset,
          "params": rec.get("params") or {}, "fit_s": float(t["fit_s"]), "predict_s": float(t.get("predict_s") or 0),
          "backbone_s": float(t.get("shared_backbone_s") or 0), "peak_mb": float(t["peak_mem_mb"]),
          "base_mb": float(base_mb), "when": time.time()}
@@ -180,19 +205,19 @@ def _steps(params: dict[str, Any], n_train: int) -> int | None:
     return min(steps, int(cap)) if isinstance(cap, int) else steps
 
 
-def _work_px(params: dict[str, Any], image_size: int) -> float:
+def _work_px(params: dict[str, Any], image_size: float) -> float:
     """Pixels a method works on per image: its own fixed resolution (`size`) when it has one."""
     s = params.get("size")
     return float(s if isinstance(s, int) and s > 0 else image_size) ** 2
 
 
-def _fit_work(params: dict[str, Any], n_train: int, image_size: int, trained: bool) -> float:
+def _fit_work(params: dict[str, Any], n_train: int, image_size: float, trained: bool) -> float:
     steps = _steps(params, n_train) if trained else None
     count = steps * int(params["batch_size"]) if steps is not None else n_train
     return max(1, count) * _work_px(params, image_size)
 
 
-def _closest(ms: list[dict[str, Any]], n: int, size: int, preset: str) -> dict[str, Any]:
+def _closest(ms: list[dict[str, Any]], n: int, size: float, preset: str) -> dict[str, Any]:
     def distance(m: dict[str, Any]) -> tuple[float, float]:
         d = abs(math.log(max(1, n) / max(1, m["n_train"] + m["n_test"]))) + 2 * abs(math.log(size / m["image_size"]))
         return d + (0 if m.get("preset") == preset else 1.0), -m.get("when", 0)
@@ -201,9 +226,13 @@ def _closest(ms: list[dict[str, Any]], n: int, size: int, preset: str) -> dict[s
 
 
 def estimate_method(method: str, params: dict[str, Any], *, trained: bool, n_train: int, n_test: int,
-                    image_size: int, preset: str, device: str,
-                    measurements: dict[str, list[dict[str, Any]]] | None = None) -> MethodEstimate:
-    """Scale the closest stored measurement of `method` on `device` to this run (see the module's notes)."""
+                    image_size: float, preset: str, device: str,
+                    measurements: dict[str, list[dict[str, Any]]] | None = None,
+                    shape: tuple[int, int] | None = None, tile: int | None = None,
+                    overlap: float = DEFAULT_OVERLAP) -> MethodEstimate:
+    """Scale the closest stored measurement of `method` on `device` to this run (see the module's notes).
+    `shape` (H, W) and `tile`: a non-square or tiled run, costed in work units (`units`)."""
+    n_train, n_test, image_size = units(n_train, n_test, image_size, shape, tile, overlap)
     ms = (load() if measurements is None else measurements).get(f"{method}|{device}") or []
     n = n_train + n_test
     if not ms:
@@ -223,7 +252,7 @@ def estimate_method(method: str, params: dict[str, Any], *, trained: bool, n_tra
                                                                      * _work_px(m["params"], m["image_size"]))
     backbone = m["backbone_s"] * px_ratio
     seconds = fit_core * fit_ratio + pred_core * pred_ratio + backbone
-    basis = f"measured on {m_n} images at {m['image_size']} px ({m.get('preset')} preset)"
+    basis = f"measured on {m_n} images at {m['image_size']:g} px ({m.get('preset')} preset)"
     return MethodEstimate(method, seconds, backbone, peak, True, basis)
 
 
@@ -243,17 +272,22 @@ def _memory_line(ms: list[dict[str, Any]]) -> tuple[float, float]:
 
 
 def estimate_job(methods: list[tuple[str, dict[str, Any], bool]], *, n_train: int, n_test: int, image_size: int,
-                 preset: str, device: str) -> JobEstimate:
-    """Estimate a run of `methods` given as (name, full parameters, trained by gradient)."""
+                 preset: str, device: str, shape: tuple[int, int] | None = None, tile: int | None = None,
+                 overlap: float = DEFAULT_OVERLAP) -> JobEstimate:
+    """Estimate a run of `methods` given as (name, full parameters, trained by gradient); `shape` (H, W) and
+    `tile` for a non-square or tiled run."""
     stored = load()
     ests = [estimate_method(name, params, trained=trained, n_train=n_train, n_test=n_test, image_size=image_size,
-                            preset=preset, device=device, measurements=stored) for name, params, trained in methods]
+                            preset=preset, device=device, measurements=stored, shape=shape, tile=tile,
+                            overlap=overlap) for name, params, trained in methods]
     timed = [e for e in ests if e.seconds is not None]
     # The methods share one backbone pass: count its time once (the largest), not once per method.
     seconds = (sum(e.seconds - e.backbone_s for e in timed if e.seconds is not None)
                + max((e.backbone_s for e in timed), default=0.0)) if timed else None
     return JobEstimate(methods=ests, seconds=seconds, peak_mb=max((e.peak_mb for e in ests), default=0.0),
-                       limit_mb=job_memory_limit_mb(), n_images=n_train + n_test, image_size=image_size)
+                       limit_mb=job_memory_limit_mb(), n_images=n_train + n_test, image_size=image_size,
+                       shape=shape, tiles=1 if shape is None else work_units(shape, tile, overlap)[0],
+                       tile_side=0 if shape is None else int(work_units(shape, tile, overlap)[1]))
 
 
 def gb_text(mb: float) -> str:

@@ -48,7 +48,7 @@ def score_files(model: SavedModel, items: list[InputImage], batch: int = BATCH) 
     """Score checked images (collect_images) with a saved model, in input order, `batch` images at a time."""
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
-        imgs = load_files([i.path for i in chunk], model.image_size)
+        imgs = load_files([i.path for i in chunk], model.image_shape)
         pred = model.predict(imgs)
         for j, item in enumerate(chunk):
             yield Scored(name=item.name, image=imgs.images[j].permute(1, 2, 0).numpy(),
@@ -101,7 +101,8 @@ def predict_to_folder(models_dir: str | Path, images: list[str | Path], *, metho
             Image.fromarray(heat).save(out_dir / rel)
         rows.append({"path": s.name, "score": s.score, "verdict": verdict(s.score, thr), "heatmap": rel})
     result = {"method": model.method, "threshold": thr, "images": rows, "threshold_rule": rule,
-              "model": str(model.directory), "image_size": model.image_size, "engine_version": ENGINE_VERSION}
+              "model": str(model.directory), "image_size": model.image_size,
+              "image_shape": list(model.image_shape), "engine_version": ENGINE_VERSION}
     tmp = out_dir / ".predictions.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out_dir / "predictions.json")

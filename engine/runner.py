@@ -25,6 +25,8 @@ from engine.backbones import weights_description
 from engine.cache import ENGINE_VERSION, Cache, default_cache, make_key
 from engine.components.features import backbone_seconds, extract_features, using_cache
 from engine.data import Dataset, discover, load_split
+from engine.data.geometry import DEFAULT_OVERLAP, DEFAULT_RESIZE, check_resize, check_tile, work_units
+from engine.data.loader import Shape, as_shape
 from engine.device import resolve_device
 from engine.metrics import evaluate
 from engine.threads import job as thread_job
@@ -45,6 +47,11 @@ class RunConfig:
 
     methods: list[str]
     image_size: int | None = None  # None: 256, or the images' own size when smaller (Dataset.working_size)
+    # "keep-aspect": the short side is image_size, the long side follows the images' aspect (equal to "square" on
+    # square data); "square": squash to image_size x image_size (engine.data.geometry).
+    resize: str = DEFAULT_RESIZE
+    tile: int | None = None  # cut images into overlapping tile x tile squares; image_size None then = native size
+    tile_overlap: float = DEFAULT_OVERLAP
     device: str = "auto"
     backbone: str = "efficientnet_lite0"
     weights: str = "auto"
@@ -182,13 +189,13 @@ def split_labeled(test: ImageSet, k: int, seed: int) -> tuple[list[int], list[in
     return chosen, [i for i in range(len(test)) if i not in chosen_set]
 
 
-_split_cache: dict[tuple[str, str, int], ImageSet] = {}
+_split_cache: dict[tuple[str, str, tuple[int, int]], ImageSet] = {}
 _split_lock = threading.Lock()
 
 
-def load_images(ds: Dataset, split: str, image_size: int) -> ImageSet:
+def load_images(ds: Dataset, split: str, image_size: Shape) -> ImageSet:
     """load_split with a small per-process memo (the dashboard re-reads the same dataset often)."""
-    key = (ds.digest, split, image_size)
+    key = (ds.digest, split, as_shape(image_size))
     with _split_lock:
         if key in _split_cache:
             return _split_cache[key]
@@ -213,10 +220,24 @@ def method_params(name: str, cfg: RunConfig) -> dict[str, Any]:
     return params
 
 
-def run_key(ds_digest: str, name: str, params: dict[str, Any], cfg: RunConfig, labeled: list[Any]) -> str:
-    """Cache key of a method's fitted model and predictions (DESIGN §8)."""
+def check_geometry(cfg: RunConfig) -> None:
+    """ConfigError for an unknown resize mode or a bad tile size / overlap."""
+    try:
+        check_resize(cfg.resize)
+        check_tile(cfg.tile, cfg.tile_overlap)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def run_key(ds_digest: str, name: str, params: dict[str, Any], cfg: RunConfig, labeled: list[Any],
+            shape: tuple[int, int] | None = None) -> str:
+    """Cache key of a method's fitted model and predictions (DESIGN §8). `shape` (H, W) and the tiling enter it
+    only when they differ from a square image_size without tiles, so keys of square runs stay as they were."""
     wd = weights_description(params.get("backbone", cfg.backbone), params.get("weights", cfg.weights))
-    return make_key("run", ds_digest, name, params, cfg.image_size, wd, ENGINE_VERSION, labeled)
+    size: Any = cfg.image_size
+    if (shape is not None and shape[0] != shape[1]) or cfg.tile is not None:
+        size = [list(shape or (cfg.image_size, cfg.image_size)), cfg.tile, cfg.tile_overlap]
+    return make_key("run", ds_digest, name, params, size, wd, ENGINE_VERSION, labeled)
 
 
 def load_prediction(record: dict[str, Any], cache: Cache | None = None) -> Prediction | None:
@@ -246,6 +267,7 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     if not cfg.methods:
         raise ConfigError("no methods selected")
     infos = {name: registry.info(name) for name in cfg.methods}
+    check_geometry(cfg)
     for name in cfg.methods:
         method_params(name, cfg)  # a misspelt or mistyped parameter is a ConfigError now, not a failed fit later
     ks = cfg.ks
@@ -266,11 +288,12 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
 
     base_mb = _PeakMemory.rss() / 2**20  # before the images are loaded: estimates scale what comes on top
     progress("", "loading", 0.0, {"dataset": ds.name})
+    shape = ds.working_shape(cfg.image_size, cfg.resize, cfg.tile)
     if cfg.image_size is None:
-        cfg = replace(cfg, image_size=ds.working_size())
+        cfg = replace(cfg, image_size=min(shape))
     assert cfg.image_size is not None
-    train = load_images(ds, "train", cfg.image_size)
-    test_all = load_images(ds, "test", cfg.image_size)
+    train = load_images(ds, "train", shape)
+    test_all = load_images(ds, "test", shape)
     rows_by_k = labeled_rows_by_k(test_all, ks, cfg.seed)
     held = rows_by_k[max(ks)]  # left out of every evaluation, whatever K a run uses
     held_set = set(held)
@@ -280,7 +303,11 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
         "dataset": {"path": str(ds.root), "name": ds.name, "digest": ds.digest, "n_train": len(train),
                     "n_test": len(test), "defect_types": ds.defect_types, "warnings": list(ds.warnings)},
         "config": {"image_size": cfg.image_size, "device": device, "backbone": cfg.backbone, "weights": cfg.weights,
-                   "preset": cfg.preset, "labeled_anomalies": max(ks), "seed": cfg.seed},
+                   "preset": cfg.preset, "labeled_anomalies": max(ks), "seed": cfg.seed,
+                   # issue 17 (added): image_size is the short side of image_shape [H, W]; tile null = whole images
+                   "resize": cfg.resize, "image_shape": list(shape), "tile": cfg.tile,
+                   "tile_overlap": cfg.tile_overlap if cfg.tile is not None else None,
+                   "tiles_per_image": work_units(shape, cfg.tile, cfg.tile_overlap)[0]},
         "labeled_anomalies": {"k": max(ks), "paths": [test_all.paths[i] for i in held]},
         "engine_version": ENGINE_VERSION,
         "runs": [],
@@ -304,12 +331,15 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
             with using_cache(cache), thread_job() as threads:
                 rec = _run_one(unit, mi, cfg, device, ds, train, test, test_all, anomalies, cache, progress,
                                cancel, save=None if save_models is None else (Path(save_models), results))
+            if rec["status"] == "ok":
+                rec["tiles_per_image"] = _tiles_used(name, cfg, shape)
             if rec["status"] == "ok" and not rec.get("cached"):
                 rec["timing"]["threads"] = threads.threads
         results["runs"].append(rec)
         try:
             estimates.record(rec, n_train=len(train), n_test=len(test), image_size=cfg.image_size,
-                             preset=cfg.preset, device=device, base_mb=base_mb)
+                             preset=cfg.preset, device=device, base_mb=base_mb, shape=shape, tile=cfg.tile,
+                             overlap=cfg.tile_overlap)
         except OSError as e:  # the estimates are a convenience: never fail a run over them
             log.warning("could not store the time/memory estimate: %s", e)
         if on_result:
@@ -363,7 +393,7 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
         # the held-back rows join the key only when they differ from the labelled ones (a single K keeps its key)
         labeled = (unit.labeled_rows if unit.labeled_rows == unit.held_rows
                    else [unit.labeled_rows, unit.held_rows])
-        key = run_key(ds.digest, name, params, cfg, labeled)
+        key = run_key(ds.digest, name, params, cfg, labeled, train.size)
         rec["cache_key"] = key
         need_model = cfg.keep_models or save is not None
 
@@ -382,7 +412,7 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
             stored = _cached_record(cache, key, cfg, need_model)  # another session may have finished it meanwhile
             if stored is not None:
                 return from_cache(stored)
-            det = registry.create(name, **params).to(device)
+            det = registry.create(name, **params).to(device).set_tiling(cfg.tile, cfg.tile_overlap)
             shared_fit_s = shared_pred_s = 0.0
             layers = det.feature_layers()
             if layers:
@@ -485,13 +515,22 @@ def _warm_features(det: Any, layers: tuple[str, ...], train: ImageSet, test: Ima
     """
     secs = []
     # The whole test split is extracted (not the subset left after labelled anomalies are taken out), so
-    # runs with another K slice the same cached features instead of recomputing them.
-    for split, images, used in (("train", train, train), ("test", test_all, test)):
+    # runs with another K slice the same cached features instead of recomputing them. When the method works on
+    # tiles, the features are the tiles' (the same tile sets, hence the same cache entries, fit and predict use).
+    for split, whole, part in (("train", train, train), ("test", test_all, test)):
+        images, used = det.working_images(whole), det.working_images(part)
         extract_features(images, layers, backbone=det.backbone, weights=det.weights, device=device,
                          progress=lambda s, f=None, i=None, sp=split: prog(f"features ({sp})", f, i or {}))
         secs.append(backbone_seconds(images, layers, backbone=det.backbone, weights=det.weights)
                     * len(used) / max(1, len(images)))
     return secs[0], secs[1]
+
+
+def _tiles_used(name: str, cfg: RunConfig, shape: tuple[int, int]) -> int:
+    """Tiles per image the method worked on (1: whole images); square-input methods tile non-square images."""
+    det = registry.create(name).set_tiling(cfg.tile, cfg.tile_overlap)
+    grid = det.tile_grid(shape)
+    return 1 if grid is None else grid.n
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:

@@ -72,8 +72,15 @@ class SavedModel:
 
     @property
     def image_size(self) -> int:
-        """Side S of the square working resolution the run used (images are resized to S x S)."""
+        """Side S of the square working resolution the run used (images are resized to S x S); the short side
+        of `image_shape` for a keep-aspect run."""
         return int(self.card["image_size"])
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(H, W) images are resized to before scoring (cards written before issue 17: S x S)."""
+        shape = self.card.get("image_shape") or [self.image_size, self.image_size]
+        return int(shape[0]), int(shape[1])
 
     @property
     def map_range(self) -> tuple[float, float] | None:
@@ -85,11 +92,12 @@ class SavedModel:
         return resolve_threshold(self.card, rule)
 
     def predict(self, images: ImageSet) -> Prediction:
-        """Scores (N,) and maps (N, S, S) or None for images at the model's size. Features of these images are
+        """Scores (N,) and maps (N, H, W) or None for images at the model's shape. Features of these images are
         not written to the disk cache (they are new images, seen once)."""
-        if images.size != (self.image_size, self.image_size):
-            raise ConfigError(f"images are {images.size[0]}x{images.size[1]} px, this model works at "
-                              f"{self.image_size}x{self.image_size}: load them with load_files(..., image_size)")
+        if images.size != self.image_shape:
+            h, w = self.image_shape
+            raise ConfigError(f"images are {images.size[0]}x{images.size[1]} px (HxW), this model works at "
+                              f"{h}x{w}: load them with load_files(..., image_shape)")
         with using_cache(Cache(enabled=False)):
             return self.detector.predict(images)
 
@@ -109,7 +117,9 @@ def model_card(record: dict[str, Any], detector_meta: dict[str, Any], maps: torc
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "engine_version": ENGINE_VERSION,
         "method": record["method"], "family": record.get("family"), "localises": bool(record.get("localises", True)),
-        "image_size": int(size[0]), "backbone": params.get("backbone"), "weights": record.get("weights"),
+        "image_size": int(min(size)), "image_shape": [int(size[0]), int(size[1])],
+        "tile": (detector_meta.get("tiling") or {}).get("tile"),
+        "backbone": params.get("backbone"), "weights": record.get("weights"),
         "params": params,
         "thresholds": {"f1": metrics.get("threshold"), "fpr": fpr},
         "good_scores": good,

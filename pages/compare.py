@@ -20,7 +20,7 @@ ks = cfg.get("labeled_anomalies_ks")
 k_text = (f", labelled anomalies K = {', '.join(map(str, ks))} (the images labelled for K = {max(ks)} are "
           "held back from every evaluation)" if ks else
           f", K = {cfg.get('labeled_anomalies')} labelled anomalies" if cfg.get("labeled_anomalies") else "")
-st.caption(f"Step 3 of 3 — **{info.name}**, {cfg.get('image_size')} px, backbone {cfg.get('backbone')}, "
+st.caption(f"Step 3 of 3 — **{info.name}**, {services.geometry_text(cfg)}, backbone {cfg.get('backbone')}, "
            f"preset {cfg.get('preset')}, device {cfg.get('device')}" + k_text)
 
 best = services.best_method(results)

@@ -7,6 +7,7 @@ import streamlit as st
 
 from dashboard import nav, services
 from dashboard.views.images import overlay_mask
+from dashboard.views.plots import size_figure
 
 st.title("Data")
 top_l, top_r = st.columns([4, 1])
@@ -103,6 +104,14 @@ with right:
     st.markdown("**Test images** (ground-truth defect regions outlined in green)")
     thumbs = services.thumbnails(info.path, per_type=4)
     st.image([overlay_mask(img, mask) for _, img, mask in thumbs], caption=[c for c, _, _ in thumbs], width=120)
+
+st.markdown("**Image sizes**")
+sz_l, sz_r = st.columns([2, 1], gap="large")
+sz_l.info(info.size_advice[:1].upper() + info.size_advice[1:] + ".", icon=":material/aspect_ratio:")
+sz_l.caption("Train keeps the aspect ratio by default (short side = the image size); tick “Tile large images” "
+             "there to keep every native pixel of big images.")
+sizes = services.image_sizes(info.path)
+sz_r.plotly_chart(size_figure(sizes["width"], sizes["height"], sizes["split"]), key="size_plot")
 
 st.divider()
 if st.button("Next: train methods on this data →", type="primary", key="to_train"):

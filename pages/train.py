@@ -35,11 +35,26 @@ with st.container(border=True):
                                   key="labeled_k",
                                   help="K defective test images of each type move into training for the weakly "
                                        "supervised methods, and are left out of every method's evaluation.")
-    with st.expander("Options: image size, backbone, preset"):
+    with st.expander("Options: image size, aspect ratio, tiling, backbone, preset"):
         o1, o2, o3 = st.columns(3)
-        image_size = o1.select_slider("Image size (px)", options=services.IMAGE_SIZES,
-                                      value=services.default_image_size(info), key="image_size",
-                                      help="Images are resized to a square of this side. Smaller is faster.")
+        tile_on = o1.checkbox("Tile large images", value=False, key="tile_on",
+                              help="Keep the images at their native resolution and cut them into overlapping "
+                                   "square tiles: every method works on tiles, the maps are stitched back and an "
+                                   "image's score is its worst tile's. For large images with small defects; "
+                                   "slower (the estimate below counts the tiles).")
+        tile = None
+        if tile_on:
+            tile = o1.select_slider("Tile size (px)", options=services.TILE_SIZES, value=256, key="tile_size")
+            image_size = info.native_side
+        else:
+            image_size = o1.select_slider("Image size (px)", options=services.IMAGE_SIZES,
+                                          value=services.default_image_size(info), key="image_size",
+                                          help="The short side of the images (the long side follows their "
+                                               "aspect ratio unless squashed to a square). Smaller is faster.")
+        keep = o1.checkbox("Keep aspect ratio", value=True, key="keep_aspect", disabled=info.square,
+                           help="Off: squash every image to a square (thin defects may shrink below a pixel). "
+                                "Square images are unaffected.")
+        resize = "keep-aspect" if keep else "square"
         backbone = o2.selectbox("Backbone (feature extractor)", services.BACKBONES, index=0, key="backbone",
                                 help="Pretrained network whose features most methods build on.")
         o2.caption(f"Weights: {services.weights_source(backbone)}")
@@ -57,7 +72,8 @@ with st.container(border=True):
     if problem is None:
         try:
             estimate, too_big = services.run_estimate(info.path, picked, image_size=image_size, backbone=backbone,
-                                                      preset=preset, labeled_anomalies=int(labeled))
+                                                      preset=preset, labeled_anomalies=int(labeled), resize=resize,
+                                                      tile=tile)
             st.markdown(estimate)
         except services.UserError as e:
             too_big = str(e)
@@ -69,7 +85,7 @@ with st.container(border=True):
                  key="train_button", icon=":material/play_arrow:"):
         try:
             services.start_run(sid, info.path, picked, image_size=image_size, backbone=backbone, preset=preset,
-                               labeled_anomalies=int(labeled))
+                               labeled_anomalies=int(labeled), resize=resize, tile=tile)
         except services.UserError as e:
             st.error(str(e))
         else:

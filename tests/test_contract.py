@@ -119,3 +119,32 @@ def test_save_load_roundtrip(name: str, sample_brick, tmp_path) -> None:
 def test_weak_needs_anomalies(name: str, sample_brick) -> None:
     with pytest.raises(ConfigError):
         _make(name).fit(sample_brick[0])
+
+
+@pytest.fixture(scope="module")
+def brick_wide():
+    """(train, test) of the sample brick at 64 x 128 (H x W): a non-square input (issue 17); a few images."""
+    from pathlib import Path
+
+    from engine.data import discover, load_split
+
+    ds = discover(Path(__file__).resolve().parent.parent / "sample_data" / "brick")
+    test = load_split(ds, "test", (64, 128))
+    good = [i for i, y in enumerate(test.labels.tolist()) if y == 0][:2]
+    bad = [i for i, y in enumerate(test.labels.tolist()) if y == 1][:4]
+    return load_split(ds, "train", (64, 128), indices=list(range(6))), test.subset(good + bad)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_non_square_input(name: str, brick_wide) -> None:
+    """Every method fits and predicts on non-square images; maps come back at the input's (H, W)."""
+    train, test = brick_wide
+    anomalies = None
+    if registry.info(name).supervision == "weak":
+        lab, rest = split_labeled(test, 1, seed=0)
+        test, anomalies = test.subset(rest), test.subset(lab)
+    pred = _make(name).fit(train, anomalies=anomalies).predict(test)
+    assert pred.scores.shape == (len(test),) and torch.isfinite(pred.scores).all()
+    if registry.info(name).localises:
+        assert pred.maps is not None and pred.maps.shape == (len(test), 64, 128)
+        assert torch.isfinite(pred.maps).all()

@@ -48,6 +48,7 @@ from dashboard.services.common import (
     MAX_UPLOAD_MB,
     ROOT,
     SAMPLE_ROOT,
+    TILE_SIZES,
     UPLOAD_LIMITS,
     DataProblems,
     UserError,
@@ -59,6 +60,7 @@ from dashboard.services.data import (
     counts_table,
     dataset_info,
     default_dataset_path,
+    image_sizes,
     open_server_dataset,
     sample_categories,
     sample_path,
@@ -67,6 +69,7 @@ from dashboard.services.data import (
     server_roots,
     thumbnails,
     upload_limits_text,
+    working_shape,
 )
 from dashboard.services.heatmaps import DEFAULT_OPACITY, heatmap_panels, method_maps, test_image
 from dashboard.services.jobs import Job, JobManager, MethodProgress, job_manager, job_view, run_estimate, start_run
@@ -84,6 +87,7 @@ from dashboard.services.methods import (
 )
 from dashboard.services.results import (
     clear_results,
+    geometry_text,
     latest_results,
     ok_runs,
     results_json,
@@ -92,15 +96,15 @@ from dashboard.services.results import (
 )
 
 __all__ = [
-    "BACKBONES", "CurvePlan", "DEFAULT_OPACITY", "IMAGE_SIZES", "JOB_ISOLATION", "MAX_CONCURRENT_JOBS",
-    "MAX_UPLOAD_MB", "ROOT", "SAMPLE_ROOT", "UPLOAD_LIMITS", "DataInfo", "DataProblems", "Job", "JobManager",
-    "MethodProgress", "UserError", "_user_error", "auroc_ci", "base_rate", "best_method", "check_config",
+    "BACKBONES", "CurvePlan", "DEFAULT_OPACITY", "DataInfo", "DataProblems", "IMAGE_SIZES", "JOB_ISOLATION", "Job",
+    "JobManager", "MAX_CONCURRENT_JOBS", "MAX_UPLOAD_MB", "MethodProgress", "ROOT", "SAMPLE_ROOT", "TILE_SIZES",
+    "UPLOAD_LIMITS", "UserError", "_user_error", "auroc_ci", "base_rate", "best_method", "check_config",
     "clear_results", "confusion_table", "counts_table", "csv_bytes", "curve_plan", "curves", "dataset_info",
     "default_dataset_path", "default_image_size", "default_methods", "device_name", "disagreements", "estimate_run",
-    "estimate_text", "failures", "families", "family_results", "heatmap_panels", "job_manager", "labelled_curve",
-    "job_view", "latest_results", "metrics_table", "method_info", "method_maps", "methods_by_family", "ok_runs",
-    "open_server_dataset", "per_defect", "results_json", "run_estimate", "run_name", "run_notes_text",
-    "sample_categories", "sample_path", "save_upload", "server_datasets", "server_roots", "speed_points",
-    "start_curve", "start_run", "test_image", "test_images", "thresholds", "thumbnails", "upload_limits_text",
-    "weights_source",
+    "estimate_text", "failures", "families", "family_results", "geometry_text", "heatmap_panels", "image_sizes",
+    "job_manager", "job_view", "labelled_curve", "latest_results", "method_info", "method_maps", "methods_by_family",
+    "metrics_table", "ok_runs", "open_server_dataset", "per_defect", "results_json", "run_estimate", "run_name",
+    "run_notes_text", "sample_categories", "sample_path", "save_upload", "server_datasets", "server_roots",
+    "speed_points", "start_curve", "start_run", "test_image", "test_images", "thresholds", "thumbnails",
+    "upload_limits_text", "weights_source", "working_shape",
 ]

@@ -28,6 +28,7 @@ JOB_ISOLATION = os.environ.get("ADLAB_JOB_ISOLATION", "ray" if RAY_ADDRESS else 
 MAX_CONCURRENT_JOBS = int(os.environ.get("ADLAB_MAX_JOBS", "16" if JOB_ISOLATION == "ray" else "1"))
 BACKBONES = ["efficientnet_lite0", "resnet18", "wide_resnet50_2"]
 IMAGE_SIZES = [128, 160, 192, 224, 256, 320]
+TILE_SIZES = [128, 192, 256, 320, 384, 512]  # the Train page's "tile large images" sizes
 
 
 class UserError(Exception):

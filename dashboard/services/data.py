@@ -12,7 +12,7 @@ import pandas as pd
 
 from dashboard.services.common import MAX_UPLOAD_MB, SAMPLE_ROOT, UPLOAD_LIMITS, UserError, _user_error
 from engine.cache import atomic_write
-from engine.data import Dataset, discover, find_categories, load_split
+from engine.data import Dataset, discover, find_categories, geometry, load_split
 from engine.data import roots as data_roots
 
 
@@ -30,8 +30,11 @@ class DataInfo:
     warnings: list[str]
     has_masks: bool
     is_sample: bool
-    working_size: int = 256  # the engine's default resolution for this dataset (never upsampling)
+    working_size: int = 256  # the engine's default (short) side for this dataset (never upsampling)
     is_server: bool = False  # opened in place from a server folder under ADLAB_DATA_ROOTS (read-only)
+    size_advice: str = ""  # the images' sizes and the suggested setting (engine.data.geometry.suggestion)
+    square: bool = True  # the training images' median aspect ratio is 1
+    native_side: int = 256  # the short side the engine tiles at (the images' own, a multiple of 32)
 
 
 def sample_categories() -> list[str]:
@@ -79,10 +82,28 @@ def _under_server_root(path: str, roots: list[Path]) -> bool:
 
 
 def _info(path: str, ds: Dataset) -> DataInfo:
+    summary = ds.size_summary()
     return DataInfo(path=path, name=ds.name, digest=ds.digest, layout=ds.layout, n_train=ds.n_train,
                     n_test=ds.n_test, defect_types=list(ds.defect_types), warnings=list(ds.warnings),
                     has_masks=ds.has_masks, is_sample=Path(path).resolve().parent == SAMPLE_ROOT.resolve(),
-                    working_size=ds.working_size(), is_server=_under_server_root(path, data_roots.data_roots()))
+                    working_size=min(ds.working_shape()), is_server=_under_server_root(path, data_roots.data_roots()),
+                    size_advice=geometry.suggestion(summary), square=summary is None or summary.square,
+                    native_side=geometry.default_side(summary, tile=geometry.DEFAULT_SIDE))
+
+
+def image_sizes(path: str) -> dict[str, list[int] | list[str]]:
+    """The (width, height) of every image as columns for the Data page's size plot: {"width", "height", "split"}."""
+    ds = _dataset(path)
+    rows = [(w, h, "train") for w, h in ds.train_sizes] + [(w, h, "test") for w, h in ds.test_sizes]
+    return {"width": [r[0] for r in rows], "height": [r[1] for r in rows], "split": [r[2] for r in rows]}
+
+
+def working_shape(path: str, image_size: int | None, resize: str, tile: int | None) -> tuple[int, int]:
+    """(H, W) the engine loads this dataset's images at for these options (engine Dataset.working_shape)."""
+    try:
+        return _dataset(path).working_shape(image_size, resize, tile)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def dataset_info(path: str) -> DataInfo:
@@ -154,15 +175,18 @@ def counts_table(path: str) -> pd.DataFrame:
 
 
 def thumbnails(path: str, per_type: int = 4, size: int = 128) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(caption, image (H,W,3) uint8, mask (H,W) or None) for a few test images of every type, good first."""
+    """(caption, image (H,W,3) uint8, mask (H,W) or None) for a few test images of every type, good first; the
+    long side `size`, the short side in the images' (median) aspect ratio, as the engine keeps it."""
     from dashboard.views.images import to_rgb_uint8
 
     ds = _dataset(path)
     picks: list[int] = []
     for t in ["good", *ds.defect_types]:
         picks += [i for i, s in enumerate(ds.test) if s.defect_type == t][:per_type]
+    h, w = ds.working_shape(size)
+    shape = (max(8, round(h * size / max(h, w))), max(8, round(w * size / max(h, w))))
     try:
-        imgs = load_split(ds, "test", size, indices=picks)
+        imgs = load_split(ds, "test", shape, indices=picks)
     except Exception as e:  # noqa: BLE001
         raise _user_error(e) from None
     out = []

@@ -49,14 +49,17 @@ def method_maps(run: dict[str, Any]) -> tuple[np.ndarray | None, str]:
 
 
 def test_image(results: dict[str, Any], path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(image (S,S,3) uint8, mask (S,S) or None) of one test image at the run's image size."""
+    """(image (H,W,3) uint8, mask (H,W) or None) of one test image at the run's working shape (square S x S for
+    results written before keep-aspect existed)."""
     from dashboard.views.images import to_rgb_uint8
 
     src = results["dataset"].get("source") or results["dataset"]["path"]
     ds = _dataset(src)
-    size = int(results["config"]["image_size"])
+    c = results["config"]
     try:
-        test = load_images(ds, "test", size)
+        shape = c.get("image_shape") or ds.working_shape(int(c["image_size"]), c.get("resize", "square"),
+                                                         c.get("tile"))
+        test = load_images(ds, "test", tuple(shape))
     except Exception as e:  # noqa: BLE001
         raise _user_error(e) from None
     if path not in test.paths:

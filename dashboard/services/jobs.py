@@ -24,6 +24,7 @@ from dashboard.services.methods import check_config, estimate_run, estimate_text
 from dashboard.services.results import _persist, run_name, run_notes_text
 from engine.api import DataValidationError
 from engine.data import cache_root
+from engine.data.geometry import DEFAULT_RESIZE
 from engine.executors import run_on_ray
 from engine.runner import Cancelled, RunConfig, run_labels, run_methods
 from engine.worker import WorkerDied, WorkerStats, run_in_worker
@@ -230,24 +231,31 @@ def job_manager() -> JobManager:
 
 
 def _page_config(methods: list[str], image_size: int, backbone: str, preset: str,
-                 labeled_anomalies: int | list[int]) -> RunConfig:
+                 labeled_anomalies: int | list[int], resize: str = DEFAULT_RESIZE,
+                 tile: int | None = None) -> RunConfig:
     k = int(labeled_anomalies) if isinstance(labeled_anomalies, int) else [int(x) for x in labeled_anomalies]
     return RunConfig(methods=list(methods), image_size=int(image_size), backbone=backbone, preset=preset,
-                     labeled_anomalies=k, keep_models=True)  # the Try page scores with them
+                     labeled_anomalies=k, keep_models=True,  # the Try page scores with them
+                     resize=resize, tile=None if tile is None else int(tile))
 
 
 def start_run(session: str, dataset_path: str, methods: list[str], *, image_size: int, backbone: str, preset: str,
-              labeled_anomalies: int | list[int]) -> Job:
-    """Queue a training run for this session. Raises UserError with the reason when it cannot start."""
-    cfg = _page_config(methods, image_size, backbone, preset, labeled_anomalies)
+              labeled_anomalies: int | list[int], resize: str = DEFAULT_RESIZE, tile: int | None = None) -> Job:
+    """Queue a training run for this session. Raises UserError with the reason when it cannot start.
+    resize: "keep-aspect" or "square"; tile: cut each image into overlapping tile x tile squares (None: whole)."""
+    cfg = _page_config(methods, image_size, backbone, preset, labeled_anomalies, resize, tile)
     return job_manager().submit(session, dataset_path, cfg)
 
 
 def run_estimate(dataset_path: str, methods: list[str], *, image_size: int, backbone: str, preset: str,
-                 labeled_anomalies: int) -> tuple[str, str | None]:
+                 labeled_anomalies: int, resize: str = DEFAULT_RESIZE, tile: int | None = None
+                 ) -> tuple[str, str | None]:
     """(the estimate in words, the reason the run would be refused or None) for the Train page's selection."""
-    est = estimate_run(dataset_path, _page_config(methods, image_size, backbone, preset, labeled_anomalies))
-    return estimate_text(est), est.refusal()
+    est = estimate_run(dataset_path, _page_config(methods, image_size, backbone, preset, labeled_anomalies,
+                                                  resize, tile))
+    shape = "" if est.shape is None or (est.tiles == 1 and est.shape[0] == est.shape[1]) else \
+        f"Images at {est.size_text}. "
+    return shape + estimate_text(est), est.refusal()
 
 
 def job_view(job: Job) -> dict[str, Any]:

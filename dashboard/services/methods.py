@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dashboard.services.common import IMAGE_SIZES, UserError, _user_error
-from dashboard.services.data import DataInfo, dataset_info
+from dashboard.services.data import DataInfo, dataset_info, working_shape
 from engine import estimates, registry
 from engine.api import AdlabError
 from engine.backbones import weights_description
@@ -74,13 +74,14 @@ def check_config(methods: list[str], labeled_anomalies: int | list[int]) -> str 
 def estimate_run(dataset_path: str, cfg: RunConfig) -> estimates.JobEstimate:
     """Expected time and peak memory of running `cfg` on the dataset, from earlier runs on this machine."""
     info = dataset_info(dataset_path)
-    size = int(cfg.image_size or info.working_size)
+    shape = working_shape(dataset_path, cfg.image_size, cfg.resize, cfg.tile)
     try:
         # one entry per run: a weakly supervised method runs once per K of a labelled-anomaly curve
         methods = [(m, method_params(m, cfg), bool(registry.info(m).trained)) for m, k in run_plan(cfg)
                    if k is None or k > 0]  # a weak method at K = 0 fails at once: nothing to estimate
-        return estimates.estimate_job(methods, n_train=info.n_train, n_test=info.n_test, image_size=size,
-                                      preset=cfg.preset, device=resolve_device(cfg.device))
+        return estimates.estimate_job(methods, n_train=info.n_train, n_test=info.n_test, image_size=min(shape),
+                                      preset=cfg.preset, device=resolve_device(cfg.device), shape=shape,
+                                      tile=cfg.tile, overlap=cfg.tile_overlap)
     except (AdlabError, ValueError) as e:
         raise UserError(str(e)) from None
 

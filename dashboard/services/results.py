@@ -28,10 +28,11 @@ def _results_file(digest: str) -> Path:
 
 def _config_of(cfg: RunConfig) -> dict[str, Any]:
     """The results' config as the engine writes it: labeled_anomalies the held-back K, plus the K list when
-    the job ran several (the labelled-anomaly curve)."""
+    the job ran several (the labelled-anomaly curve); the resize mode and tiling (issue 17)."""
     ks = k_values(cfg.labeled_anomalies)
     out = {"image_size": cfg.image_size, "device": resolve_device(cfg.device), "backbone": cfg.backbone,
-           "weights": cfg.weights, "preset": cfg.preset, "labeled_anomalies": max(ks), "seed": cfg.seed}
+           "weights": cfg.weights, "preset": cfg.preset, "labeled_anomalies": max(ks), "seed": cfg.seed,
+           "resize": cfg.resize, "tile": cfg.tile, "tile_overlap": cfg.tile_overlap if cfg.tile is not None else None}
     if len(ks) > 1:
         out["labeled_anomalies_ks"] = ks
     return out
@@ -101,3 +102,11 @@ def run_notes_text(run: dict[str, Any] | None) -> str:
     """A run's own notes (how training went, warnings such as a GAN's mode collapse) as one line; '' if none."""
     notes = (run or {}).get("run_notes") or {}
     return "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in notes.items() if v not in (None, ""))
+
+
+def geometry_text(config: dict[str, Any]) -> str:
+    """How a run's images were sized, in words: '256 px', '256 px short side, aspect kept', '... in 256 px tiles'."""
+    size = config.get("image_size")
+    resize, tile = config.get("resize"), config.get("tile")
+    text = f"{size} px" if resize in (None, "square") else f"{size} px short side, aspect kept"
+    return text + (f", in {tile} px tiles" if tile else "")

@@ -173,3 +173,17 @@ def labelled_curve_figure(ks: Sequence[int], series: dict[str, list[dict]], refe
     fig = _layout(fig, title, "labelled anomalies per defect type (K)", y_title)
     fig.update_layout(legend={"x": 0.01, "xanchor": "left", "y": 0.02, "yanchor": "bottom"})
     return fig
+
+
+def size_figure(widths: Sequence[int], heights: Sequence[int], splits: Sequence[str]) -> go.Figure:
+    """Image sizes as a scatter of width against height (one trace per split) with the square diagonal."""
+    fig = go.Figure()
+    for i, split in enumerate(dict.fromkeys(splits)):
+        sel = [k for k, s in enumerate(splits) if s == split]
+        fig.add_trace(go.Scatter(x=[widths[k] for k in sel], y=[heights[k] for k in sel], mode="markers",
+                                 name=split, marker={"color": colour_of(i), "size": 6, "opacity": 0.6},
+                                 hovertemplate="%{x}×%{y} px<extra>" + split + "</extra>"))
+    top = max([*widths, *heights, 1])
+    fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="square",
+                             line={"dash": "dot", "color": "#999"}, hoverinfo="skip"))
+    return _layout(fig, "Image sizes", "width (px)", "height (px)", height=320)

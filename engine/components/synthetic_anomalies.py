@@ -170,7 +170,10 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         elif op == 8:  # channel shuffle
             x = x[torch.randperm(3, generator=g)]
         else:  # affine: rot90 / flip
-            x = torch.rot90(x, int(torch.randint(0, 4, (), generator=g)), (1, 2))
+            k = int(torch.randint(0, 4, (), generator=g))
+            if x.shape[1] != x.shape[2] and k % 2:
+                k += 1  # a quarter turn would swap a non-square texture's height and width: turn it by a half
+            x = torch.rot90(x, k, (1, 2))
         x = x.clamp(0, 1)
     return x
 

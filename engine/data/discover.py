@@ -31,6 +31,7 @@ import numpy as np
 
 from engine.api import DataValidationError, Problem
 from engine.data.archive import extract_zip, is_hidden_name
+from engine.data.geometry import DEFAULT_RESIZE, SizeSummary, default_side, summarize_sizes, working_shape
 from engine.data.limits import DEFAULT_LIMITS, IMAGE_EXTENSIONS, Limits
 from engine.data.validate import MASK_NONBINARY, MASK_ZERO_ONE, Inspection, inspect_file
 
@@ -68,6 +69,25 @@ class Dataset:
     digest: str
     warnings: list[str] = field(default_factory=list)
     median_side: int = 0  # median of max(width, height) over the training images, in pixels
+    # (width, height) of every training / test image, in split order (engine.data.geometry summarises them)
+    train_sizes: list[tuple[int, int]] = field(default_factory=list)
+    test_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def size_summary(self, split: str = "train") -> SizeSummary | None:
+        """Distribution of the image sizes of a split ("train", "test" or "all"); None when unknown."""
+        sizes = {"train": self.train_sizes, "test": self.test_sizes,
+                 "all": self.train_sizes + self.test_sizes}[split]
+        return summarize_sizes(sizes)
+
+    def working_shape(self, image_size: int | None = None, resize: str = DEFAULT_RESIZE,
+                      tile: int | None = None) -> tuple[int, int]:
+        """(H, W) the images are loaded at (engine.data.geometry): `image_size` (default: 256, the images' own
+        short side when smaller, or their native short side when tiling) on the short side, the long side
+        following the training images' median aspect ratio with resize="keep-aspect"; square otherwise."""
+        summary = self.size_summary()
+        side = image_size or (self.working_size() if resize == "square" and tile is None
+                              else default_side(summary, tile))
+        return working_shape(summary, side, resize)
 
     def working_size(self, cap: int = 256) -> int:
         """Default working resolution: `cap`, or the images' own size when they are smaller (never upsample
@@ -410,6 +430,8 @@ def _discover_folder(root: Path, name: str, show: Callable[[Path], str], limits:
         digest=h.hexdigest()[:32],
         warnings=warns,
         median_side=int(np.median([max(info[s.path].size or (0, 0)) for s in train])) if train else 0,
+        train_sizes=[info[s.path].size or (0, 0) for s in train],
+        test_sizes=[info[s.path].size or (0, 0) for s in test],
     )
 
 

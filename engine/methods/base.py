@@ -6,6 +6,11 @@ Subclasses implement:
     _state() -> dict[str, Tensor]               (learned tensors to save)
     _set_state(tensors: dict[str, Tensor], extra: dict) -> None
     _extra() -> dict                            (optional JSON-able learned values, e.g. a quantile)
+
+Tiling (issue 17) happens here, once for every method: with `set_tiling(tile)` (the runner's --tile), or for a
+method with `square_input` (it resizes its input to a fixed square) given non-square images, fit and predict
+see overlapping square tiles (engine.components.tiling); predict stitches the tiles' maps back to the input's
+shape (overlaps averaged) and scores each image by the max over its tiles.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from engine.api import (
     no_progress,
 )
 from engine.cache import ENGINE_VERSION, load_tensors, save_tensors
+from engine.components.tiling import TileGrid, make_grid, max_per_image, stitch_maps, tile_images
+from engine.data.geometry import DEFAULT_OVERLAP, check_tile
 from engine.device import resolve_device, seed_everything
 
 
@@ -41,6 +48,13 @@ class BaseDetector:
 
     # Set by the runner / user; not a parameter (does not change results beyond float rounding).
     device: str = "auto"
+    # The method resizes whatever it gets to one fixed square (`size`): non-square images reach it as square tiles
+    # of their short side instead of being squashed.
+    square_input: ClassVar[bool] = False
+    # Tiling of every image (set_tiling); not a constructor parameter (it is the same for every method), but it
+    # changes results: the runner puts it in the run's cache key and save() stores it.
+    tile: int | None = None
+    tile_overlap: float = DEFAULT_OVERLAP
 
     # --- parameters ---------------------------------------------------------------------------
     @classmethod
@@ -69,6 +83,30 @@ class BaseDetector:
         self.device = device
         return self
 
+    def set_tiling(self, tile: int | None, overlap: float = DEFAULT_OVERLAP) -> BaseDetector:
+        """Work on overlapping `tile` x `tile` tiles of every image (None: whole images). ConfigError if invalid."""
+        try:
+            check_tile(tile, overlap)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.tile, self.tile_overlap = tile, float(overlap)
+        return self
+
+    def tile_grid(self, shape: tuple[int, int]) -> TileGrid | None:
+        """The tiles images of `shape` (H, W) are cut into, or None when the method sees them whole."""
+        if self.tile is not None:
+            grid = make_grid(shape, self.tile, self.tile_overlap)
+        elif self.square_input and shape[0] != shape[1]:
+            grid = make_grid(shape, min(shape), self.tile_overlap)
+        else:
+            return None
+        return None if grid.n == 1 and (grid.tile, grid.tile) == tuple(shape) else grid
+
+    def working_images(self, images: ImageSet) -> ImageSet:
+        """What _fit / _predict receive for `images`: their tiles (N*T, 3, t, t), or the images themselves."""
+        grid = self.tile_grid(images.size)
+        return images if grid is None else tile_images(images, grid)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
@@ -89,7 +127,8 @@ class BaseDetector:
             )
         self.device_ = resolve_device(self.device)
         self.generator_ = seed_everything(int(getattr(self, "seed", 0)))
-        self._fit(train, anomalies, progress or no_progress)
+        self._fit(self.working_images(train), None if anomalies is None else self.working_images(anomalies),
+                  progress or no_progress)
         self.image_size_ = train.size
         self.fitted_ = True
         return self
@@ -100,11 +139,13 @@ class BaseDetector:
         imgs = as_imageset(images)
         if not hasattr(self, "device_"):
             self.device_ = resolve_device(self.device)
+        grid = self.tile_grid(imgs.size)
+        work = imgs if grid is None else tile_images(imgs, grid)
         with torch.inference_mode():
-            pred = self._predict(imgs)
+            pred = self._predict(work)
         scores = pred.scores.detach().float().cpu().reshape(-1)
-        if scores.shape[0] != len(imgs):
-            raise MethodFailure(f"{self.method_name} returned {scores.shape[0]} scores for {len(imgs)} images")
+        if scores.shape[0] != len(work):
+            raise MethodFailure(f"{self.method_name} returned {scores.shape[0]} scores for {len(work)} images")
         if not torch.isfinite(scores).all():
             raise MethodFailure(f"{self.method_name} produced non-finite scores (NaN/inf): training diverged?")
         maps = pred.maps
@@ -112,10 +153,14 @@ class BaseDetector:
             maps = maps.detach().float().cpu()
             if maps.ndim == 4:
                 maps = maps[:, 0]
-            if tuple(maps.shape[-2:]) != imgs.size:
-                maps = F.interpolate(maps[:, None], size=imgs.size, mode="bilinear", align_corners=False)[:, 0]
+            if tuple(maps.shape[-2:]) != work.size:
+                maps = F.interpolate(maps[:, None], size=work.size, mode="bilinear", align_corners=False)[:, 0]
             if not torch.isfinite(maps).all():
                 raise MethodFailure(f"{self.method_name} produced non-finite anomaly maps")
+            if grid is not None:
+                maps = stitch_maps(maps, grid)
+        if grid is not None:
+            scores = max_per_image(scores, grid)
         return Prediction(scores=scores, maps=maps)
 
     def save(self, directory: str | Path) -> None:
@@ -124,7 +169,8 @@ class BaseDetector:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         meta = {"method": self.method_name, "engine_version": ENGINE_VERSION, "params": self.get_params(),
-                "image_size": list(self.image_size_), "extra": self._extra()}
+                "image_size": list(self.image_size_), "extra": self._extra(),
+                "tiling": {"tile": self.tile, "overlap": self.tile_overlap}}
         save_tensors(self._state(), d / "state.safetensors")
         (d / "params.json").write_text(json.dumps(meta, default=str))
 
@@ -135,6 +181,8 @@ class BaseDetector:
             raise ConfigError(f"{d} holds a {meta.get('method')!r} model, not {self.method_name!r}")
         self.set_params(**{k: (tuple(v) if isinstance(getattr(self, k, None), tuple) else v)
                            for k, v in meta["params"].items()})
+        tiling = meta.get("tiling") or {}  # absent in models saved before tiling existed
+        self.set_tiling(tiling.get("tile"), tiling.get("overlap", DEFAULT_OVERLAP))
         self.device_ = resolve_device(self.device)
         self._set_state(load_tensors(d / "state.safetensors"), meta.get("extra", {}))
         self.image_size_ = tuple(meta["image_size"])

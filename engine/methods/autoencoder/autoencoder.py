@@ -28,6 +28,8 @@ class ReconstructionDetector(BaseDetector):
     """Shared helpers of the reconstruction family. Subclasses set `size`, `sigma`, `map_ssim_weight`,
     `top_k`, `epochs`, `max_steps`, `batch_size`, `lr`, `seed`."""
 
+    square_input = True  # _working resizes to size x size
+
     size: int
     sigma: float
     map_ssim_weight: float

@@ -90,6 +90,8 @@ class FeatureCAE(nn.Module):
 class DFR(ReconstructionDetector):
     """Deep feature reconstruction: regional features -> 1×1 CAE -> per-cell squared error."""
 
+    square_input = False  # works on backbone features of any shape
+
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
                  layers: tuple[str, ...] = ("blocks.0", "blocks.1", "blocks.2", "blocks.4"), stride: int = 4,
                  latent_dim: int | None = None, pca_variance: float = 0.9, pca_images: int = 10,

@@ -172,6 +172,8 @@ class GANomalyDiscriminator(nn.Module):
 class GANomaly(BaseDetector):
     """GANomaly: adversarially trained encoder-decoder-encoder; anomaly score = mean |G_E(x) − E(G_D(G_E(x)))|."""
 
+    square_input = True  # resizes every image to size x size
+
     def __init__(self, size: int = 64, ngf: int = 64, nz: int = 100, extra_layers: int = 0, w_adv: float = 1.0,
                  w_con: float = 50.0, w_enc: float = 1.0, spectral_norm: bool = False, score: str = "latent",
                  epochs: int = 15, lr: float = 2e-4, batch_size: int = 64, sigma: float = 2.0,

@@ -196,6 +196,8 @@ def distribute_scores(scores: torch.Tensor, size: tuple[int, int], k: int, strid
 class PatchSVDD(BaseDetector):
     """Patch SVDD (see the module docstring). Defaults are the paper's configuration."""
 
+    square_input = True  # resizes every image to size x size
+
     def __init__(self, size: int = 256, dim: int = 64, width: float = 1.0, lambda_svdd: float = 1.0,
                  lr: float = 1e-4, batch_size: int = 8, pairs_per_image: int = 8, epochs: int = 3750,
                  max_steps: int | None = None, stride64: int = 16, stride32: int = 4, max_bank: int | None = None,
