@@ -159,6 +159,8 @@ def _run(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, out / "results.json")
     print_table(results)
+    for w in results["dataset"].get("warnings", []):
+        print(f"\nwarning: {w}", file=sys.stderr)
     print(f"\nresults: {out / 'results.json'}")
     if save_models:
         print(f"models: {save_models} (score new images: adlab predict {save_models} IMAGES... --method NAME)")

@@ -7,6 +7,7 @@ the others still complete. Results follow the schema of DESIGN §7 (fields are o
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ from engine.components.features import backbone_seconds, extract_features, using
 from engine.data import Dataset, discover, load_split
 from engine.data.geometry import DEFAULT_OVERLAP, DEFAULT_RESIZE, check_resize, check_tile, work_units
 from engine.data.loader import Shape, as_shape
+from engine.data.shift import normal_shift
 from engine.device import resolve_device
 from engine.metrics import evaluate
 from engine.threads import job as thread_job
@@ -299,9 +301,13 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     held_set = set(held)
     eval_rows = [i for i in range(len(test_all)) if i not in held_set]
     test = test_all.subset(eval_rows) if held else test_all
+    warnings = list(ds.warnings)
+    shift = normal_shift(train, test)  # a shift between the normal sets would be scored as if it were defects
+    if shift:
+        warnings.append(shift)
     results: dict[str, Any] = {
         "dataset": {"path": str(ds.root), "name": ds.name, "digest": ds.digest, "n_train": len(train),
-                    "n_test": len(test), "defect_types": ds.defect_types, "warnings": list(ds.warnings)},
+                    "n_test": len(test), "defect_types": ds.defect_types, "warnings": warnings},
         "config": {"image_size": cfg.image_size, "device": device, "backbone": cfg.backbone, "weights": cfg.weights,
                    "preset": cfg.preset, "labeled_anomalies": max(ks), "seed": cfg.seed,
                    # issue 17 (added): image_size is the short side of image_shape [H, W]; tile null = whole images
@@ -429,6 +435,16 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
             scores = pred.scores.numpy()
             if not np.all(np.isfinite(scores)):
                 raise MethodFailure("non-finite scores")
+            extra = getattr(det, "run_notes_", None)
+            if cfg.use_cache and need_model:
+                with cache.writing("models", key) as tmp:
+                    if tmp is not None:
+                        det.save(tmp)
+            if save is None:
+                # The fitted model (PaDiM's inverse covariances: hundreds of MB) is not needed to evaluate: free it
+                # first, so the run's peak is not model + metrics' sort buffers.
+                del det
+                gc.collect()
             prog("evaluate", 0.0)
             maps_np = pred.maps.numpy() if pred.maps is not None else None
             masks_np = test.masks.numpy() if test.masks is not None else None
@@ -444,17 +460,12 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
                            for p, y, d, s in zip(test.paths, test.labels.tolist(), test.defect_types, scores,
                                                  strict=True)],
             })
-            extra = getattr(det, "run_notes_", None)
             if extra:
                 rec["run_notes"] = extra
             if cfg.use_cache:
                 tensors = {"scores": pred.scores}
                 if pred.maps is not None:
                     tensors["maps"] = pred.maps.half()
-                if need_model:
-                    with cache.writing("models", key) as tmp:
-                        if tmp is not None:
-                            det.save(tmp)
                 cache.store("predictions", key, tensors, {"method": name})
                 cache.store("runs", key, {}, rec)
             if save is not None:

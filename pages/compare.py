@@ -23,6 +23,9 @@ k_text = (f", labelled anomalies K = {', '.join(map(str, ks))} (the images label
 st.caption(f"Step 3 of 3 — **{info.name}**, {services.geometry_text(cfg)}, backbone {cfg.get('backbone')}, "
            f"preset {cfg.get('preset')}, device {cfg.get('device')}" + k_text)
 
+for w in results.get("dataset", {}).get("warnings", []):
+    st.warning(w, icon=":material/warning:")
+
 best = services.best_method(results)
 if best:
     c1, c2, c3 = st.columns([3, 1.2, 1.2])

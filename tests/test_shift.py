@@ -34,3 +34,31 @@ def test_too_few_normals_give_no_verdict() -> None:
     train = ImageSet(images=_images(40, 180, 0))
     test = ImageSet(images=_images(4, 120, 3), labels=torch.zeros(4, dtype=torch.int64))
     assert normal_shift(train, test) is None
+
+
+def _write(path, level: float, seed: int) -> None:  # noqa: ANN001
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    a = np.clip(level + rng.normal(0, 3) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(a).save(path)
+
+
+def test_a_run_on_darker_test_normals_carries_the_warning_and_the_sample_does_not(tmp_path) -> None:  # noqa: ANN001
+    from pathlib import Path
+
+    from engine.runner import RunConfig, run_methods
+
+    root = tmp_path / "shifted"
+    for i in range(12):
+        _write(root / "train/good" / f"{i:03d}.png", 180, i)
+    for i in range(8):
+        _write(root / "test/good" / f"{i:03d}.png", 140, 100 + i)
+        _write(root / "test/crack" / f"{i:03d}.png", 180, 200 + i)
+    cfg = RunConfig(methods=["padim"], image_size=32, preset="test", use_cache=False)
+    warned = run_methods(str(root), cfg)["dataset"]["warnings"]
+    assert any("test set's normal images differ" in w for w in warned)
+    sample = Path(__file__).resolve().parent.parent / "sample_data" / "brick"
+    assert not any("normal images differ" in w for w in run_methods(str(sample), cfg)["dataset"]["warnings"])
