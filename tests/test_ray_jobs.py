@@ -30,9 +30,12 @@ def test_two_sessions_train_at_once_on_ray_with_the_in_process_metrics(tmp_path:
     monkeypatch.setenv("ADLAB_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(methods=["padim", "autoencoder"], image_size=64, preset="test",
                     params={"autoencoder": {"epochs": 2}})
+    from engine.executors import _torch_threads
+
     clear_memory_cache()
-    local = {c: run_methods(str(SAMPLE / c), cfg, cache=Cache(str(tmp_path / "cache-local")))
-             for c in ("brick", "grass")}
+    with _torch_threads(1):  # the thread count each Ray job gets below (float sums differ in the last bits else)
+        local = {c: run_methods(str(SAMPLE / c), cfg, cache=Cache(str(tmp_path / "cache-local")))
+                 for c in ("brick", "grass")}
     jm = services.JobManager(max_running=4, isolation="ray", ray_address="local")  # a runtime of all 2 CPUs
     monkeypatch.setattr(services.jobs, "job_manager", lambda: jm)
     monkeypatch.setattr(services.jobs, "RAY_JOB_CPUS", 1)  # so Ray runs both jobs at once
