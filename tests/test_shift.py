@@ -62,3 +62,30 @@ def test_a_run_on_darker_test_normals_carries_the_warning_and_the_sample_does_no
     assert any("test set's normal images differ" in w for w in warned)
     sample = Path(__file__).resolve().parent.parent / "sample_data" / "brick"
     assert not any("normal images differ" in w for w in run_methods(str(sample), cfg)["dataset"]["warnings"])
+
+
+def test_compare_shows_the_runs_dataset_warnings() -> None:
+    import json
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard import services
+    from dashboard.services.results import _results_file
+    from engine.cache import atomic_write
+    from engine.runner import RunConfig, run_methods
+
+    path = services.sample_path("grass")
+    res = run_methods(path, RunConfig(methods=["padim"], image_size=64, preset="test"))
+    res["dataset"]["source"] = path
+    res["dataset"]["warnings"].append("The test set's normal images differ from the training images: (a test)")
+    atomic_write(_results_file(res["dataset"]["digest"]), json.dumps(res).encode())
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py"), default_timeout=120)
+    at.run()
+    at.radio(key="sample_choice").set_value("grass").run()
+    try:
+        at.switch_page("../pages/compare.py").run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert any("normal images differ from the training images: (a test)" in w.value for w in at.warning)
+    finally:
+        services.clear_results(res["dataset"]["digest"])  # other tests find grass without stored results
