@@ -36,7 +36,10 @@ def test_two_sessions_train_at_once_on_ray_with_the_in_process_metrics(tmp_path:
     with _torch_threads(1):  # the thread count each Ray job gets below (float sums differ in the last bits else)
         local = {c: run_methods(str(SAMPLE / c), cfg, cache=Cache(str(tmp_path / "cache-local")))
                  for c in ("brick", "grass")}
-    jm = services.JobManager(max_running=4, isolation="ray", ray_address="local")  # a runtime of all 2 CPUs
+    from engine.executors import ray_init
+
+    ray_init("local", num_cpus=2)  # from this main thread: the job threads then join it (as on a cluster)
+    jm = services.JobManager(max_running=4, isolation="ray", ray_address="local")
     monkeypatch.setattr(services.jobs, "job_manager", lambda: jm)
     monkeypatch.setattr(services.jobs, "RAY_JOB_CPUS", 1)  # so Ray runs both jobs at once
     try:
@@ -76,6 +79,9 @@ def test_a_ray_job_cancels_and_keeps_what_finished(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("ADLAB_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(methods=["padim", "autoencoder"], image_size=64, preset="test",
                     params={"autoencoder": {"epochs": 1000, "max_steps": 100000}})
+    from engine.executors import ray_init
+
+    ray_init("local", num_cpus=2)
     jm = services.JobManager(max_running=1, isolation="ray", ray_address="local")
     monkeypatch.setattr(services.jobs, "job_manager", lambda: jm)
     try:

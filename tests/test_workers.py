@@ -115,7 +115,7 @@ def test_estimates_update_from_a_finished_run(tiny: Path, cache: Path) -> None:
     run_methods(tiny, cfg)
     stored = estimates.load()["padim|cpu"]
     assert len(stored) == 1 and stored[0]["n_train"] == 8 and stored[0]["image_size"] == 64
-    assert stored[0]["peak_mb"] >= stored[0]["base_mb"] - 0.05 > 0  # both in MB, the peak rounded to 0.1
+    assert stored[0]["peak_mb"] >= stored[0]["base_mb"] - 0.5 > 0  # MB; the peak is sampled and rounded to 0.1
     run_methods(tiny, cfg)  # from the cache: nothing new is measured
     assert len(estimates.load()["padim|cpu"]) == 1
     est = estimates.estimate_method("padim", stored[0]["params"], trained=False, n_train=8, n_test=13,
