@@ -145,7 +145,7 @@ def test_to_patches_order() -> None:
 
 
 def test_normal_cycler_covers_every_image() -> None:
-    from engine.methods.weakly_supervised.devnet import NormalCycler
+    from engine.components.weak_training import NormalCycler
 
     c = NormalCycler(5, torch.Generator().manual_seed(0))
     first = torch.cat([c.take(2), c.take(2), c.take(1)])

@@ -10,8 +10,10 @@ import torch
 
 from engine import registry
 from engine.api import ConfigError, ImageSet
+from engine.components import weak_training
+from engine.components.weak_training import dihedral_views
 from engine.methods.weakly_supervised import devnet as devnet_mod
-from engine.methods.weakly_supervised.devnet import deviation_loss, dihedral_views, top_k_mean
+from engine.methods.weakly_supervised.devnet import deviation_loss, top_k_mean
 from engine.methods.weakly_supervised.mixed_supervision import SegDecNet, seg_targets
 from engine.runner import RunConfig, run_methods, split_labeled
 
@@ -157,13 +159,13 @@ def test_deterministic_whether_features_are_cached_or_not(name: str, tiny, monke
     """A feature-cache miss builds the backbone, which draws from the global RNG; weights must not depend on it."""
     train, test, anomalies = tiny
     a = registry.create(name, **TINY).fit(train, anomalies=anomalies).predict(test)
-    real = devnet_mod.extract_features
+    real = weak_training.extract_features
 
     def miss(*args, **kwargs):
         torch.rand(123)  # what building a backbone on a cache miss does to the global RNG
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(devnet_mod, "extract_features", miss)
+    monkeypatch.setattr(weak_training, "extract_features", miss)
     b = registry.create(name, **TINY).fit(train, anomalies=anomalies).predict(test)
     np.testing.assert_array_equal(a.scores.numpy(), b.scores.numpy())
 

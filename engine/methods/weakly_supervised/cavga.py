@@ -27,10 +27,7 @@ from torch import nn
 from engine.api import ImageSet, Prediction, Progress
 from engine.components.nets import ConvDecoder
 from engine.components.train_loop import Objective, TrainConfig, train_loop
-from engine.methods.autoencoder.vae import kl_to_prior
-from engine.methods.base import BaseDetector, load_module_state, module_state
-from engine.methods.gan.ganomaly import GANomalyDiscriminator
-from engine.methods.weakly_supervised.devnet import (
+from engine.components.weak_training import (
     NormalCycler,
     augmented_anomalies,
     backbone_input,
@@ -39,6 +36,9 @@ from engine.methods.weakly_supervised.devnet import (
     standardise,
     virtual_pool,
 )
+from engine.methods.autoencoder.vae import kl_to_prior
+from engine.methods.base import BaseDetector, load_module_state, module_state
+from engine.methods.gan.ganomaly import GANomalyDiscriminator
 from engine.registry import register
 
 # --- the paper's pieces ---------------------------------------------------------------------------------------

@@ -25,8 +25,7 @@ from engine.api import ImageSet, Prediction, Progress
 from engine.components.anomaly_map import to_pixel_map
 from engine.components.clustering import kmeans, sq_dists
 from engine.components.train_loop import Objective, TrainConfig, train_loop
-from engine.methods.base import BaseDetector, load_module_state, module_state
-from engine.methods.weakly_supervised.devnet import (
+from engine.components.weak_training import (
     NormalCycler,
     augmented_anomalies,
     backbone_input,
@@ -35,6 +34,7 @@ from engine.methods.weakly_supervised.devnet import (
     standardise,
     virtual_pool,
 )
+from engine.methods.base import BaseDetector, load_module_state, module_state
 from engine.registry import register
 
 

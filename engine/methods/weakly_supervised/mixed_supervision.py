@@ -23,8 +23,7 @@ from torch import nn
 
 from engine.api import ImageSet, Prediction, Progress
 from engine.components.train_loop import Objective, TrainConfig, train_loop
-from engine.methods.base import BaseDetector, load_module_state, module_state
-from engine.methods.weakly_supervised.devnet import (
+from engine.components.weak_training import (
     NormalCycler,
     augmented_anomalies,
     backbone_input,
@@ -33,6 +32,7 @@ from engine.methods.weakly_supervised.devnet import (
     standardise,
     virtual_pool,
 )
+from engine.methods.base import BaseDetector, load_module_state, module_state
 from engine.registry import register
 
 

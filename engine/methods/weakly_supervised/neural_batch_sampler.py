@@ -34,8 +34,8 @@ from engine.api import ImageSet, Prediction, Progress
 from engine.components.anomaly_map import to_pixel_map
 from engine.components.nets import ConvDecoder, ConvEncoder
 from engine.components.train_loop import Objective, TrainConfig, train_loop
+from engine.components.weak_training import augmented_anomalies, seeded_module, virtual_pool
 from engine.methods.base import BaseDetector, load_module_state, module_state
-from engine.methods.weakly_supervised.devnet import augmented_anomalies, seeded_module, virtual_pool
 from engine.registry import register
 
 # --- the paper's pieces ---------------------------------------------------------------------------------------
