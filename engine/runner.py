@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,67 @@ def k_values(labeled_anomalies: int | Sequence[int]) -> list[int]:
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in ks):
         raise ConfigError(f"labelled anomalies {ks}: each K must be a whole number ≥ 0")
     return sorted(set(ks))
+
+
+def anomalies_per_type(ds: Dataset) -> dict[str, int]:
+    """Anomalous test images per defect type of `ds`, counted from its sample list (no image is read)."""
+    counts: dict[str, int] = {}
+    for s in ds.test:
+        if s.label == 1:
+            counts[s.defect_type] = counts.get(s.defect_type, 0) + 1
+    return counts
+
+
+def real_ks(per_type: Mapping[str, int], ks: Sequence[int]) -> tuple[dict[int, int], str | None]:
+    """The K each asked K really labels on a dataset, and a note when that differs from what was asked.
+
+    A defect type of n anomalous test images gives min(K, n − 1) of them (one always stays for evaluation,
+    labeled_rows_by_k), so K labels min(K, max_t(n_t − 1)) images of the largest types: that number is the run's
+    K, and the rows it labels are the same as the asked K's. Returns ({asked K: real K}, note or None); the note
+    names the largest type when it lowers K, and the types that give fewer than the real K.
+    """
+    top = max((n - 1 for n in per_type.values()), default=0)
+    real = {k: max(0, min(k, top)) for k in ks}
+    notes = []
+    lowered = sorted(k for k, r in real.items() if r != k)
+    if lowered and top > 0:
+        biggest = max(per_type, key=lambda t: (per_type[t], t))
+        notes.append(f"K = {', '.join(map(str, lowered))} labels {top} per defect type here, recorded as K = {top}: "
+                     f"the largest type ({biggest}) has {per_type[biggest]} anomalous test images and one of each "
+                     "type stays for evaluation")
+    k_max = max(real.values(), default=0)
+    small = sorted(t for t, n in per_type.items() if n - 1 < k_max)
+    if small:
+        notes.append(f"at K = {k_max}, " + ", ".join(f"{t} gives {max(0, per_type[t] - 1)} of its {per_type[t]}"
+                                                        for t in small) + " (one stays for evaluation)")
+    return real, "; ".join(notes) if notes else None
+
+
+def resolve_ks(ds: Dataset, cfg: RunConfig) -> tuple[RunConfig, str | None]:
+    """`cfg` with its K replaced by what they really label on `ds` (real_ks; equal K merge), and the note.
+
+    ConfigError when weakly supervised methods are asked for K ≥ 1 and no defect type of `ds` has two anomalous
+    test images (none can be labelled while one stays for evaluation), and for an only_k that is neither an
+    asked K nor a real one.
+    """
+    asked = cfg.ks
+    per_type = anomalies_per_type(ds)
+    real, note = real_ks(per_type, asked)
+    weak = [n for n in cfg.methods if registry.info(n).supervision == "weak"]
+    if weak and max(asked) > 0 and max(real.values()) == 0:
+        counts = ", ".join(f"{t}: {n}" for t, n in sorted(per_type.items())) or "none"
+        raise ConfigError(f"{', '.join(weak)} need labelled anomalies, but no defect type of {ds.name} has two or "
+                          f"more anomalous test images (anomalous test images per type: {counts}), so none can be "
+                          "labelled while one stays for evaluation")
+    ks = sorted(set(real.values()))
+    only = cfg.only_k
+    if only is not None:
+        if only in real:
+            only = real[only]
+        elif only not in ks:
+            raise ConfigError(f"K = {only} is not among the labelled anomalies {asked}")
+    labeled: int | list[int] = ks[0] if isinstance(cfg.labeled_anomalies, int) else ks
+    return replace(cfg, labeled_anomalies=labeled, only_k=only), note
 
 
 def needs_labels_message(names: Sequence[str]) -> str:
@@ -276,13 +337,16 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     weak = [n for n, mi in infos.items() if mi.supervision == "weak"]
     if weak and max(ks) <= 0:
         raise ConfigError(needs_labels_message(weak))
-    plan = run_plan(cfg)
-    several = len(ks) > 1
-    if several and save_models is not None:
+    if len(ks) > 1 and save_models is not None:
         raise ConfigError(f"saving models takes one K at a time (asked for K = {', '.join(map(str, ks))}): "
                           "run again with the one K whose models you want")
     device = resolve_device(cfg.device)
     ds = data if isinstance(data, Dataset) else discover(data)
+    asked = ks
+    cfg, k_note = resolve_ks(ds, cfg)  # the K recorded are the numbers really labelled on this dataset
+    ks = cfg.ks
+    plan = run_plan(cfg)
+    several = len(ks) > 1
 
     def check_cancel() -> None:
         if cancel is not None and cancel.is_set():
@@ -302,6 +366,8 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     eval_rows = [i for i in range(len(test_all)) if i not in held_set]
     test = test_all.subset(eval_rows) if held else test_all
     warnings = list(ds.warnings)
+    if k_note:
+        warnings.append(k_note)
     shift = normal_shift(train, test)  # a shift between the normal sets would be scored as if it were defects
     if shift:
         warnings.append(shift)
@@ -321,6 +387,8 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     if several:  # additions: the K of the curve; config.labeled_anomalies stays one int (the held-back K)
         results["config"]["labeled_anomalies_ks"] = ks
         results["labeled_anomalies"]["ks"] = ks
+    if asked != ks:  # addition: the K asked for, when the dataset could not give them all (resolve_ks)
+        results["config"]["labeled_anomalies_asked"] = asked
     for name, k in plan:
         check_cancel()
         mi = infos[name]

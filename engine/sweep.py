@@ -23,7 +23,15 @@ from engine.api import AdlabError, ConfigError
 from engine.cache import ENGINE_VERSION, atomic_write, make_key
 from engine.data import discover
 from engine.executors import Executor, Unit
-from engine.runner import RunConfig, k_values, method_params, needs_labels_message, run_label
+from engine.runner import (
+    RunConfig,
+    anomalies_per_type,
+    k_values,
+    method_params,
+    needs_labels_message,
+    real_ks,
+    run_label,
+)
 
 SWEEP_FILE = "sweep.json"
 
@@ -122,9 +130,12 @@ def plan(cfg: SweepConfig) -> list[_Planned]:
     names: dict[str, int] = {}
     out = []
     for path in cfg.datasets:
+        ds_ks = ks  # the K this dataset really labels (runner.real_ks: a K above what its types give is lowered)
         try:
             ds = discover(path)
             info: dict[str, Any] = {"name": ds.name, "path": str(path), "digest": ds.digest}
+            real, _ = real_ks(anomalies_per_type(ds), ks)
+            ds_ks = sorted(set(real.values()))
         except AdlabError as e:
             info = {"name": Path(path).name or str(path), "path": str(path), "digest": None, "error": str(e)}
         n = names.get(info["name"], 0)
@@ -137,7 +148,7 @@ def plan(cfg: SweepConfig) -> list[_Planned]:
         for seed in cfg.seeds:
             for m in cfg.methods:
                 weak = registry.info(m).supervision == "weak"
-                for k in (ks if several and weak else [None]):
+                for k in (ds_ks if several and weak else [None]):
                     u = Unit(dataset=where, method=m, seed=seed, params=dict(cfg.params.get(m, {})),
                              preset=cfg.preset, image_size=cfg.image_size, labeled_anomalies=cfg.labeled_anomalies,
                              only_k=k, device=cfg.device, backbone=cfg.backbone, weights=cfg.weights,
@@ -145,7 +156,7 @@ def plan(cfg: SweepConfig) -> list[_Planned]:
                     full = method_params(m, RunConfig(methods=[m], preset=cfg.preset, seed=seed,
                                                       backbone=cfg.backbone, weights=cfg.weights, params=cfg.params))
                     # a single K keeps the key it always had
-                    labels: Any = cfg.labeled_anomalies if not several else [ks, k]
+                    labels: Any = cfg.labeled_anomalies if not several else [ds_ks, k]
                     key = make_key("sweep-unit", info["digest"] or info["path"], m, full, cfg.image_size,
                                    labels, cfg.device, ENGINE_VERSION)
                     out.append(_Planned(u, key, info, run_label(m, k, several)))

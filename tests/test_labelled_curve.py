@@ -204,3 +204,55 @@ def test_sweep_runs_one_unit_per_weak_method_and_k(data, tmp_path) -> None:
     res = json.loads((tmp_path / "out" / units[0]["results"]).read_text())
     evaluated = [sorted(i["path"] for i in r["images"]) for r in res["runs"] if r["status"] == "ok"]
     assert len(evaluated) == 2 and evaluated[0] == evaluated[1]  # the same held-back test images
+
+
+def test_real_ks_lower_a_k_no_type_can_give() -> None:
+    from engine.runner import real_ks
+
+    real, note = real_ks({"hole": 6, "scratch": 6}, [0, 1, 3, 10])
+    assert real == {0: 0, 1: 1, 3: 3, 10: 5}
+    assert note is not None and "K = 10 labels 5 per defect type" in note and "recorded as K = 5" in note
+    assert "has 6 anomalous test images" in note
+    real, note = real_ks({"blowhole": 20, "fray": 4}, [10])  # the largest type gives 10: K stays, fray is named
+    assert real == {10: 10} and note == "at K = 10, fray gives 3 of its 4 (one stays for evaluation)"
+    assert real_ks({"a": 20, "b": 24}, [0, 1, 3, 10]) == ({0: 0, 1: 1, 3: 3, 10: 10}, None)
+    assert real_ks({"a": 1}, [3])[0] == {3: 0}
+
+
+def test_a_k_above_every_type_is_recorded_as_the_number_labelled(data, tmp_path) -> None:
+    """4 anomalous test images per type: K = 10 labels 3 of each, so the run says K = 3 (asked 10, noted)."""
+    from engine.cache import Cache
+
+    cfg = RunConfig(methods=["devnet", "patchcore"], image_size=64, device="cpu", labeled_anomalies=[1, 10],
+                    params={"devnet": dict(TINY)})
+    res = run_methods(data, cfg, cache=Cache(tmp_path / "cache"))
+    n_types = len(res["dataset"]["defect_types"])
+    assert [(r["method"], r["labeled_k"]) for r in res["runs"]] == [("devnet", 1), ("devnet", 3), ("patchcore", None)]
+    assert [r["label"] for r in res["runs"]] == ["devnet · K=1", "devnet · K=3", "patchcore"]
+    assert res["config"]["labeled_anomalies"] == 3 and res["config"]["labeled_anomalies_ks"] == [1, 3]
+    assert res["config"]["labeled_anomalies_asked"] == [1, 10]
+    assert res["labeled_anomalies"]["k"] == 3 and len(res["labeled_anomalies"]["paths"]) == 3 * n_types
+    k3 = next(r for r in res["runs"] if r["labeled_k"] == 3)
+    assert k3["status"] == "ok", k3["error"]
+    assert len(k3["labeled_paths"]) == 3 * n_types
+    assert any("K = 10 labels 3 per defect type" in w for w in res["dataset"]["warnings"])
+    # a K every type can give changes nothing: no note, no "asked" field
+    single = run_methods(data, RunConfig(methods=["patchcore"], image_size=64, device="cpu", labeled_anomalies=3),
+                         cache=Cache(tmp_path / "cache"))
+    assert "labeled_anomalies_asked" not in single["config"] and single["config"]["labeled_anomalies"] == 3
+    assert not any("labels" in w and "per defect type" in w for w in single["dataset"]["warnings"])
+
+
+def test_no_type_to_label_from_is_a_clear_error(tmp_path) -> None:
+    from engine.data import make_synthetic_dataset
+
+    one = make_synthetic_dataset(tmp_path / "one", "brick", n_train=4, n_test_good=2, n_defect_per_type=1, size=32)
+    with pytest.raises(ConfigError, match=r"devnet need labelled anomalies, but no defect type of .* has two or more"):
+        run_methods(one, RunConfig(methods=["devnet"], image_size=32, device="cpu", labeled_anomalies=3))
+
+
+def test_sweep_plans_the_k_each_dataset_labels(data) -> None:
+    from engine.sweep import SweepConfig, plan
+
+    units = plan(SweepConfig(datasets=[str(data)], methods=["devnet"], labeled_anomalies=[1, 3, 10]))
+    assert [p.unit.only_k for p in units] == [1, 3]  # 10 labels 3 per type here: the same unit as K = 3

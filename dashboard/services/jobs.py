@@ -22,11 +22,11 @@ from dashboard.services.common import (
 from dashboard.services.data import _dataset, dataset_info
 from dashboard.services.methods import check_config, estimate_run, estimate_text
 from dashboard.services.results import _persist, run_name, run_notes_text
-from engine.api import DataValidationError
+from engine.api import AdlabError, DataValidationError
 from engine.data import cache_root
 from engine.data.geometry import DEFAULT_RESIZE
 from engine.executors import run_on_ray
-from engine.runner import Cancelled, RunConfig, run_labels, run_methods
+from engine.runner import Cancelled, RunConfig, resolve_ks, run_labels, run_methods
 from engine.worker import WorkerDied, WorkerStats, run_in_worker
 
 _STAGE_SPAN = {"loading": (0.0, 0.05), "features (train)": (0.05, 0.35), "features (test)": (0.35, 0.5),
@@ -109,6 +109,10 @@ class JobManager:
         if msg:
             raise UserError(msg)
         info = dataset_info(dataset_path)
+        try:
+            labels_cfg, _ = resolve_ks(_dataset(dataset_path), config)
+        except AdlabError as e:
+            raise UserError(str(e)) from None
         # the memory limit is this machine's: a job handed to a Ray cluster runs where Ray finds room for it
         refusal = estimate_run(dataset_path, config).refusal() if self.isolation != "ray" else None
         if refusal:
@@ -118,7 +122,8 @@ class JobManager:
             if old is not None and old.active:
                 raise UserError("A run is already going for this session: wait for it or cancel it.")
             job = Job(session=session, dataset_path=dataset_path, digest=info.digest, config=config)
-            job.progress = {name: MethodProgress() for name in run_labels(config)}
+            # the labels the runs will carry: with the K the dataset really labels (a larger K is lowered)
+            job.progress = {name: MethodProgress() for name in run_labels(labels_cfg)}
             self._jobs[session] = job
             self._queue.append(job.id)
         threading.Thread(target=self._work, args=(job,), name=f"adlab-job-{job.id}", daemon=True).start()
