@@ -11,7 +11,10 @@ A classifier is trained from many normal images and a few labelled anomalous ima
     and pools its patch logits into the image logit with weights that favour the most abnormal positions.
 
 The paper's full text was not available to us (only its abstract), so LIS and ACM are our reading of their names
-and of the abstract; the registry marks the method unfaithful and says so.
+and of the abstract; the registry marks the method unfaithful and says so. Searched again for issue 19 (stored web
+pages, documentation, code and issue threads: the title, "logit inducing loss", "abnormality capturing module",
+the authors, the datasets and numbers): only the abstract (bohrium.dp.tech) and bibliography entries (awesome
+lists, a GPT-4V anomaly survey's references) turned up, no full text, restated equations or authors' code.
 """
 
 from __future__ import annotations
