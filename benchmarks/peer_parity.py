@@ -30,7 +30,8 @@ METHODS = ["patchcore", "padim", "stfpm", "fastflow", "cflow", "draem", "ganomal
 def run_adlab(data: Path, method: str, a: argparse.Namespace, out: Path) -> dict:
     env = dict(os.environ, ADLAB_CACHE=str(out / "cache" / data.name / method))
     args = [sys.executable, "-m", "engine.cli", "run", str(data), "--methods", method, "--preset", a.preset,
-            "--out", str(out / "adlab" / data.name / method)]
+            "--out", str(out / "adlab" / data.name / method),
+            "--resize", "square"]  # the peer squashes every image to a square: so does adlab here
     if a.image_size:
         args += ["--image-size", str(a.image_size)]
     if method == "padim":  # anomalib's PaDiM fails to invert all 176 Lite0 channels' covariances: both take 100
