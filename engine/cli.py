@@ -225,10 +225,10 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"error: --seeds {args.seeds!r}: expected numbers like 0,1,2 or 0-4", file=sys.stderr)
         return 2
     cfg = SweepConfig(datasets=list(args.data), methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                      seeds=seeds, preset=args.preset, image_size=args.image_size,
-                      labeled_anomalies=args.labeled_anomalies, device=args.device, backbone=args.backbone,
-                      weights=args.weights, params=params, use_cache=not args.no_cache,
-                      cache_root=args.cache_root, threads_per_unit=args.threads_per_unit)
+                      seeds=seeds, preset=args.preset, image_size=args.image_size, resize=args.resize,
+                      tile=args.tile, tile_overlap=args.tile_overlap, labeled_anomalies=args.labeled_anomalies,
+                      device=args.device, backbone=args.backbone, weights=args.weights, params=params,
+                      use_cache=not args.no_cache, cache_root=args.cache_root, threads_per_unit=args.threads_per_unit)
     tty = sys.stderr.isatty()
 
     def progress(p: SweepProgress) -> None:
@@ -250,6 +250,18 @@ def _sweep(args: argparse.Namespace) -> int:
     print_sweep_table(doc)
     print(f"\nsweep: {Path(args.out) / 'sweep.json'} ({doc['wall_s']:.1f} s on {doc['executor']['name']})")
     return 1 if any(u["status"] != "ok" for u in doc["units"]) else 0
+
+
+def _geometry_args(p: argparse.ArgumentParser) -> None:
+    """--resize, --tile and --tile-overlap (run and sweep)."""
+    p.add_argument("--resize", default="keep-aspect", choices=["keep-aspect", "square"],
+                   help="keep-aspect (default): the short side to --image-size, the long side in the images' "
+                        "aspect ratio; square: squash every image to --image-size x --image-size")
+    p.add_argument("--tile", type=int, default=None, metavar="N",
+                   help="cut each image into overlapping NxN tiles (at native resolution unless --image-size is "
+                        "given); maps are stitched back, an image's score is the max over its tiles")
+    p.add_argument("--tile-overlap", type=float, default=0.25, metavar="F",
+                   help="least overlap of neighbouring tiles, a fraction of a tile (default 0.25)")
 
 
 def print_sweep_table(doc: dict[str, Any]) -> None:
@@ -320,14 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None,
                    help="working resolution in px, the short side with --resize keep-aspect (default: 256, or the "
                         "images' own size when smaller; with --tile, their native size)")
-    p.add_argument("--resize", default="keep-aspect", choices=["keep-aspect", "square"],
-                   help="keep-aspect (default): the short side to --image-size, the long side in the images' "
-                        "aspect ratio; square: squash every image to --image-size x --image-size")
-    p.add_argument("--tile", type=int, default=None, metavar="N",
-                   help="cut each image into overlapping NxN tiles (at native resolution unless --image-size is "
-                        "given); maps are stitched back, an image's score is the max over its tiles")
-    p.add_argument("--tile-overlap", type=float, default=0.25, metavar="F",
-                   help="least overlap of neighbouring tiles, a fraction of a tile (default 0.25)")
+    _geometry_args(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default="auto", help="auto | bundled | hub | random | PATH to a weights file")
@@ -359,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="seeds as 0,1,2 or 0-4 (default 0)")
     p.add_argument("--preset", default="fast", choices=["test", "fast", "quality"])
     p.add_argument("--image-size", type=int, default=None,
-                   help="working resolution in px (default: 256, or the images' own size when smaller)")
+                   help="working resolution in px, the short side with --resize keep-aspect (default: 256, or the "
+                        "images' own size when smaller; with --tile, their native size)")
+    _geometry_args(p)
     p.add_argument("--labeled-anomalies", type=_k_arg, default=0, metavar="K",
                    help="K labelled anomalies per defect type, or a list (0,1,3,10): one unit per (weak method, K)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

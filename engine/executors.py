@@ -42,6 +42,9 @@ class Unit:
     params: dict[str, Any] = field(default_factory=dict)
     preset: str = "fast"
     image_size: int | None = None
+    resize: str = "keep-aspect"  # RunConfig.resize / tile / tile_overlap
+    tile: int | None = None
+    tile_overlap: float = 0.25
     labeled_anomalies: int | list[int] = 0
     only_k: int | None = None  # with a K list: the one K this unit runs (RunConfig.only_k)
     device: str = "auto"
@@ -89,7 +92,8 @@ def run_unit(unit: Unit) -> dict[str, Any]:
     from engine.runner import RunConfig, run_methods
 
     t0 = time.perf_counter()
-    cfg = RunConfig(methods=[unit.method], image_size=unit.image_size, device=unit.device, backbone=unit.backbone,
+    cfg = RunConfig(methods=[unit.method], image_size=unit.image_size, resize=unit.resize, tile=unit.tile,
+                    tile_overlap=unit.tile_overlap, device=unit.device, backbone=unit.backbone,
                     weights=unit.weights, preset=unit.preset, labeled_anomalies=unit.labeled_anomalies,
                     only_k=unit.only_k, seed=unit.seed, params={unit.method: dict(unit.params)} if unit.params else {},
                     use_cache=unit.use_cache)

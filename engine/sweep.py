@@ -22,10 +22,12 @@ from engine import registry
 from engine.api import AdlabError, ConfigError
 from engine.cache import ENGINE_VERSION, atomic_write, make_key
 from engine.data import discover
+from engine.data.geometry import DEFAULT_OVERLAP, DEFAULT_RESIZE
 from engine.executors import Executor, Unit
 from engine.runner import (
     RunConfig,
     anomalies_per_type,
+    check_geometry,
     k_values,
     method_params,
     needs_labels_message,
@@ -45,6 +47,9 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     preset: str = "fast"
     image_size: int | None = None
+    resize: str = DEFAULT_RESIZE  # as RunConfig: keep-aspect | square, and optional tiles
+    tile: int | None = None
+    tile_overlap: float = DEFAULT_OVERLAP
     labeled_anomalies: int | list[int] = 0  # a list: one unit per (weak method, K), all on the same test images
     device: str = "auto"
     backbone: str = "efficientnet_lite0"
@@ -56,7 +61,8 @@ class SweepConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"datasets": list(self.datasets), "methods": list(self.methods), "seeds": list(self.seeds),
-                "preset": self.preset, "image_size": self.image_size, "labeled_anomalies": self.labeled_anomalies,
+                "preset": self.preset, "image_size": self.image_size, "resize": self.resize, "tile": self.tile,
+                "tile_overlap": self.tile_overlap, "labeled_anomalies": self.labeled_anomalies,
                 "device": self.device, "backbone": self.backbone, "weights": self.weights,
                 "params": self.params, "threads_per_unit": self.threads_per_unit}
 
@@ -112,7 +118,9 @@ def check_config(cfg: SweepConfig) -> None:
     unknown = [m for m in cfg.params if m not in cfg.methods]
     if unknown:
         raise ConfigError(f"parameters given for {', '.join(unknown)}, which is not among the methods")
-    rc = RunConfig(methods=cfg.methods, preset=cfg.preset, params=cfg.params)
+    rc = RunConfig(methods=cfg.methods, preset=cfg.preset, params=cfg.params, resize=cfg.resize, tile=cfg.tile,
+                   tile_overlap=cfg.tile_overlap)
+    check_geometry(rc)
     for m in cfg.methods:
         method_params(m, rc)  # unknown method or mistyped parameter: ConfigError naming it
     weak = [m for m in cfg.methods if registry.info(m).supervision == "weak"]
@@ -150,15 +158,19 @@ def plan(cfg: SweepConfig) -> list[_Planned]:
                 weak = registry.info(m).supervision == "weak"
                 for k in (ds_ks if several and weak else [None]):
                     u = Unit(dataset=where, method=m, seed=seed, params=dict(cfg.params.get(m, {})),
-                             preset=cfg.preset, image_size=cfg.image_size, labeled_anomalies=cfg.labeled_anomalies,
+                             preset=cfg.preset, image_size=cfg.image_size, resize=cfg.resize, tile=cfg.tile,
+                             tile_overlap=cfg.tile_overlap, labeled_anomalies=cfg.labeled_anomalies,
                              only_k=k, device=cfg.device, backbone=cfg.backbone, weights=cfg.weights,
                              use_cache=cfg.use_cache, cache_root=cfg.cache_root, threads=cfg.threads_per_unit)
                     full = method_params(m, RunConfig(methods=[m], preset=cfg.preset, seed=seed,
                                                       backbone=cfg.backbone, weights=cfg.weights, params=cfg.params))
                     # a single K keeps the key it always had
                     labels: Any = cfg.labeled_anomalies if not several else [ds_ks, k]
+                    # the default geometry keeps the key it always had
+                    geometry = ([] if cfg.resize == DEFAULT_RESIZE and cfg.tile is None
+                                else [cfg.resize, cfg.tile, cfg.tile_overlap])
                     key = make_key("sweep-unit", info["digest"] or info["path"], m, full, cfg.image_size,
-                                   labels, cfg.device, ENGINE_VERSION)
+                                   labels, cfg.device, ENGINE_VERSION, *geometry)
                     out.append(_Planned(u, key, info, run_label(m, k, several)))
     return out
 

@@ -146,3 +146,26 @@ def test_ray_executor_without_ray_says_how_to_install(monkeypatch: pytest.Monkey
     assert main(["sweep", str(SAMPLE / "brick"), "--methods", "padim", "--executor", "ray",
                  "--out", str(tmp_path)]) == 2
     assert "pip install 'adlab[ray]'" in capsys.readouterr().err
+
+
+def test_sweep_takes_resize_and_tiles_like_a_run(tmp_path: Path) -> None:
+    """`adlab sweep --resize/--tile` reach each unit: the same metrics and config as `adlab run` with them."""
+    from engine.runner import RunConfig, run_methods
+
+    brick = str(SAMPLE / "brick")
+    argv = ["sweep", brick, "--methods", "padim", "--preset", "test", "--image-size", "64", "--resize", "square",
+            "--tile", "32", "--tile-overlap", "0.5", "--out", str(tmp_path / "sweep")]
+    assert main(argv) == 0
+    unit = load_sweep(tmp_path / "sweep")["units"][0]
+    res = json.loads((tmp_path / "sweep" / unit["results"]).read_text())
+    assert (res["config"]["tile"], res["config"]["tile_overlap"], res["config"]["resize"]) == (32, 0.5, "square")
+    direct = run_methods(brick, RunConfig(methods=["padim"], preset="test", image_size=64, resize="square",
+                                          tile=32, tile_overlap=0.5))
+    assert direct["runs"][0]["metrics"]["image_auroc"] == unit["metrics"]["image_auroc"]
+    assert direct["runs"][0]["tiles_per_image"] == res["runs"][0]["tiles_per_image"] > 1
+    untiled = load_sweep(tmp_path / "sweep")
+    assert main(["sweep", brick, "--methods", "padim", "--preset", "test", "--image-size", "64",
+                 "--out", str(tmp_path / "plain")]) == 0
+    assert load_sweep(tmp_path / "plain")["units"][0]["key"] != untiled["units"][0]["key"]  # geometry is in the key
+    with pytest.raises(ConfigError, match="tile"):
+        run_sweep(SweepConfig(datasets=[brick], methods=["padim"], tile=2), tmp_path / "bad", LocalExecutor())
