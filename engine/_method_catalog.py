@@ -355,12 +355,12 @@ METHODS = [{'name': 'efficient_ad',
   'notes': 'Layers blocks.2+blocks.4 of EfficientNet-Lite0 (strides 8/16) stand in for WideResNet layer2+layer3. '
            "Locally aware features: 3x3 average with zero padding counted (pad='zero'), as the paper's code; "
            "pad='valid' averages border windows over real cells only. Coreset 1% by default (the paper reports 1%, "
-           "10% and 25%; 'quality' uses 10%). When the training set has more than max_candidates patches (200k: ~200 "
-           'images at 256 px) the greedy selection runs over a seeded random subset of that many, still keeping '
-           "coreset_ratio of all patches; max_candidates=None is the paper's exact selection.",
+           "10% and 25%; 'quality' uses 10%), always the paper's exact greedy selection over every training patch "
+           '(engine.components.coreset). max_candidates=N is an opt-in shortcut for very large sets: the selection '
+           'then runs over a seeded random subset of N patches, still keeping coreset_ratio of all patches.',
   'trained': False,
   'uses_backbone': True,
-  'presets': {'fast': {'coreset_ratio': 0.01}, 'quality': {'coreset_ratio': 0.1, 'max_candidates': None}},
+  'presets': {'fast': {'coreset_ratio': 0.01}, 'quality': {'coreset_ratio': 0.1}},
   'reduced_presets': (),
   'module': 'engine.methods.memory_bank.patchcore',
   'class_name': 'PatchCore'},

@@ -22,11 +22,11 @@ from engine.registry import register
     notes="Layers blocks.2+blocks.4 of EfficientNet-Lite0 (strides 8/16) stand in for WideResNet layer2+layer3. "
           "Locally aware features: 3x3 average with zero padding counted (pad='zero'), as the paper's code; "
           "pad='valid' averages border windows over real cells only. "
-          "Coreset 1% by default (the paper reports 1%, 10% and 25%; 'quality' uses 10%). When the training set "
-          "has more than max_candidates patches (200k: ~200 images at 256 px) the greedy selection runs over a "
-          "seeded random subset of that many, still keeping coreset_ratio of all patches; max_candidates=None "
-          "is the paper's exact selection.",
-    presets={"fast": {"coreset_ratio": 0.01}, "quality": {"coreset_ratio": 0.1, "max_candidates": None}},
+          "Coreset 1% by default (the paper reports 1%, 10% and 25%; 'quality' uses 10%), always the paper's exact "
+          "greedy selection over every training patch (engine.components.coreset). max_candidates=N is an opt-in "
+          "shortcut for very large sets: the selection then runs over a seeded random subset of N patches, still "
+          "keeping coreset_ratio of all patches.",
+    presets={"fast": {"coreset_ratio": 0.01}, "quality": {"coreset_ratio": 0.1}},
 )
 class PatchCore(BaseDetector):
     """Locally aware patch features -> greedy coreset memory bank -> nearest-neighbour patch distance.
@@ -38,7 +38,7 @@ class PatchCore(BaseDetector):
 
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
                  layers: tuple[str, ...] = ("blocks.2", "blocks.4"), patch_size: int = 3, pad: str = "zero",
-                 coreset_ratio: float = 0.01, proj_dim: int = 128, max_candidates: int | None = 200_000,
+                 coreset_ratio: float = 0.01, proj_dim: int = 128, max_candidates: int | None = None,
                  num_neighbors: int = 9, sigma: float = 4.0, seed: int = 0):
         self.backbone = backbone
         self.weights = weights
