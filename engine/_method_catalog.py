@@ -738,40 +738,45 @@ METHODS = [{'name': 'efficient_ad',
   'localises': True,
   'supervision': 'weak',
   'paper': 'Chu & Kitani, ECCV 2020',
-  'summary': 'An autoencoder trained on patches while a reinforcement-learning policy picks its batches to widen the '
-             "gap between the losses of anomalous and normal patches; a classifier on each patch's loss profile (its "
-             'losses over training) gives the map and the score.',
+  'summary': 'Autoencoders trained on patches that a reinforcement-learning policy picks, rewarded by how well a '
+             'predictor separates anomalous from normal pixels by their loss profiles (their reconstruction losses '
+             'during training); the predictor gives the map and the score.',
   'faithful': False,
-  'notes': "Built from the paper's description (loss profiles, an RL batch sampler that amplifies their difference, "
-           'a classifier on profiles); the exact networks, state, reward and schedule of the paper are not '
-           'reproduced. Ours: 16×16 patches at stride 8 of 64 px images (quality: 32×32 at stride 16 of 128 px), '
-           "small conv autoencoder, policy = MLP over each pool patch's (log loss, change since last refresh) with a "
-           'softmax over the pool, reward = change of the anomalous–normal mean log-loss gap over one step, '
-           "REINFORCE with a moving-average baseline. The paper's profile is the sequence of losses recorded while "
-           'training; here the autoencoder is saved at T = 10 steps and a profile is the T losses under those '
-           'weights, so images never seen in training get one after fit like in every adlab method; the sampler '
-           'draws from normal patches only, and held-out normal images (a quarter) and the labelled anomalies stay '
-           'unseen by the autoencoder so the classifier learns on profiles like those of new images. fast (reduced): '
-           'a pool of at most 4096 patches, 64 per class for the reward, 2048 per class for the classifier (the full '
-           'pool took 10 min to fit on mvtec screw on this CPU).',
+  'notes': 'Follows what the stored text of the paper states (the abstract; the §3 passage on the sampler, known '
+           'only as quoted in public notes): an autoencoder trained by SGD, a loss profile = the sequence of '
+           'reconstruction losses during training, a predictor on the profiles of anomalous and non-anomalous '
+           'regions, and an RL sampler choosing the sequence of training patches with reward R_pred1 = −(the '
+           "predictor's loss), credited at the end of the sequence. Not faithful because the paper's full text was "
+           "not found in any stored copy, so these are not from the paper: the autoencoder's architecture, patch and "
+           "input size and optimiser; the profile's length and spacing; the sampler's state, actions, network and RL "
+           'details (baseline, episode length, whether the autoencoder restarts per episode), any reward besides '
+           "R_pred1; the predictor's architecture; the image score; training lengths; the reported numbers. Ours: "
+           '16×16 patches at stride 8 of 64 px images (quality: 32×32 at stride 16 of 128 px), small conv '
+           "autoencoder, one fresh autoencoder per episode; policy = MLP on each pool patch's (log loss, its fall "
+           'since the episode began, episode fraction) with a softmax over the pool of normal patches; per-pixel '
+           'profiles of 10 losses evenly spaced over the episode; predictor = 3-layer conv net on the standardised '
+           'log profiles, class-balanced pixel BCE; REINFORCE (plain SGD) with a moving-average baseline; profiles '
+           "of new images from the last episode's saved weights; score = max of the smoothed map. Held-out normal "
+           'images (a quarter) and the labelled anomalies stay unseen by the autoencoder so the predictor learns on '
+           'profiles like those of new images. fast (reduced): 8 episodes of 50 steps, a pool of at most 4096 '
+           'patches, at most 48 images per class for the profiles.',
   'trained': True,
   'uses_backbone': False,
-  'presets': {'test': {'epochs': 8,
-                       'steps_per_epoch': 8,
-                       'eval_patches': 64,
-                       'max_profile_patches': 256,
+  'presets': {'test': {'episodes': 2,
+                       'steps_per_episode': 8,
+                       'n_records': 4,
+                       'max_pool_patches': 1024,
+                       'max_profile_images': 8,
+                       'pred_epochs': 2,
                        'cls_epochs': 30},
-              'fast': {'epochs': 20,
-                       'steps_per_epoch': 20,
-                       'eval_patches': 64,
-                       'max_pool_patches': 4096,
-                       'max_profile_patches': 2048},
+              'fast': {'episodes': 8, 'steps_per_episode': 50, 'max_pool_patches': 4096, 'max_profile_images': 48},
               'quality': {'size': 128,
                           'patch': 32,
                           'stride': 16,
                           'widths': (32, 64, 128),
-                          'epochs': 100,
-                          'steps_per_epoch': 50}},
+                          'episodes': 40,
+                          'steps_per_episode': 200,
+                          'n_records': 20}},
   'reduced_presets': ('test', 'fast'),
   'module': 'engine.methods.weakly_supervised.neural_batch_sampler',
   'class_name': 'NeuralBatchSampler'}]

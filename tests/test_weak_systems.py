@@ -15,10 +15,15 @@ from engine.methods.weakly_supervised.cavga import (
 )
 from engine.methods.weakly_supervised.liac import ACMClassifier, abnormality, logit_inducing_loss
 from engine.methods.weakly_supervised.neural_batch_sampler import (
+    ProfilePredictor,
     SamplerPolicy,
-    loss_gap,
+    balanced_bce,
+    prediction_reward,
+    profile_stats,
+    record_points,
     reinforce_loss,
-    sampler_reward,
+    sampler_states,
+    standardise_profiles,
     to_patches,
 )
 from engine.runner import RunConfig, run_methods
@@ -106,11 +111,48 @@ def test_cavga_k0_is_the_same_error_as_devnet(tmp_path) -> None:
 
 
 def test_sampler_reward_by_hand() -> None:
-    anomalous = torch.tensor([math.e, math.e ** 3])   # mean log 2
-    normal = torch.tensor([1.0, math.e ** 0.5])        # mean log 0.25
-    assert float(loss_gap(anomalous, normal)) == pytest.approx(1.75)
-    assert sampler_reward(1.75, 2.0) == pytest.approx(0.25)    # the step widened the gap: positive reward
-    assert sampler_reward(1.75, 1.5) == pytest.approx(-0.25)
+    """R_pred1 = −(the predictor's loss): the class-balanced pixel BCE, worked out by hand."""
+    logits = torch.tensor([[0.0, math.log(3.0)], [-math.log(3.0), 0.0]])   # σ = 1/2, 3/4, 1/4, 1/2
+    targets = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    # positives: −log(1/2), −log(3/4); negatives: −log(1 − 1/4), −log(1 − 1/2) -> both class means equal
+    expected = (math.log(2) + math.log(4 / 3)) / 2
+    assert float(balanced_bce(logits, targets)) == pytest.approx(expected, rel=1e-6)
+    assert prediction_reward(expected) == pytest.approx(-expected)
+    # The balance: one positive pixel among many negatives weighs as much as all of them together.
+    few = torch.tensor([[5.0, -5.0, -5.0, -5.0]])
+    assert float(balanced_bce(few, torch.tensor([[0.0, 0.0, 0.0, 0.0]]))) == pytest.approx(
+        (math.log1p(math.exp(5.0)) + 3 * math.log1p(math.exp(-5.0))) / 4, rel=1e-6)
+    one_pos = float(balanced_bce(few, torch.tensor([[1.0, 0.0, 0.0, 0.0]])))
+    assert one_pos == pytest.approx(math.log1p(math.exp(-5.0)), rel=1e-5)   # all four pixels right
+    # A better separating predictor earns the larger reward.
+    worse = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    assert prediction_reward(one_pos) > prediction_reward(float(balanced_bce(worse, torch.tensor([[1.0, 0, 0, 0]]))))
+
+
+def test_sampler_states_by_hand() -> None:
+    cur = torch.tensor([-2.0, -3.5])
+    start = torch.tensor([-1.0, -1.5])
+    torch.testing.assert_close(sampler_states(cur, start, 0.25),
+                               torch.tensor([[-2.0, 1.0, 0.25], [-3.5, 2.0, 0.25]]))
+
+
+def test_record_points_spread_over_the_episode() -> None:
+    assert record_points(50, 10) == {5 * (t + 1): [t] for t in range(10)}
+    assert record_points(8, 4) == {2: [0], 4: [1], 6: [2], 8: [3]}
+    assert record_points(2, 4) == {1: [0, 1], 2: [2, 3]}       # fewer updates than entries: shared points
+
+
+def test_profiles_are_standardised_per_step_by_normal_pixels() -> None:
+    """The predictor's input: each recording step scaled by the normal pixels' mean and std at that step, so a
+    pixel whose loss stays high while the normal ones fall stands out at the late steps."""
+    normal = torch.tensor([[[[-1.0, -3.0]], [[-4.0, -6.0]]]])          # (1, T=2, 1, 2)
+    mean, std = profile_stats(normal)
+    torch.testing.assert_close(mean, torch.tensor([-2.0, -5.0]))
+    torch.testing.assert_close(std, torch.tensor([math.sqrt(2.0), math.sqrt(2.0)]))
+    anomalous = torch.tensor([[[[-2.0]], [[-2.0]]]])                    # its loss did not fall
+    z = standardise_profiles(anomalous, mean, std)
+    torch.testing.assert_close(z.flatten(), torch.tensor([0.0, 3.0 / math.sqrt(2.0)]))
+    assert ProfilePredictor(2)(z.expand(3, 2, 4, 4).contiguous()).shape == (3, 4, 4)
 
 
 @pytest.mark.parametrize("advantage_sign", [1.0, -1.0])

@@ -19,6 +19,14 @@ from engine.runner import RunConfig, run_methods, split_labeled
 
 WEAK = ["devnet", "mixed_supervision", "neural_batch_sampler", "cavga", "liac"]
 TINY = {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4}
+# The neural batch sampler counts its training in episodes of autoencoder steps, not in epochs.
+TINY_BY_NAME = {"neural_batch_sampler": {"episodes": 2, "steps_per_episode": 3, "batch_size": 4, "n_records": 3,
+                                         "pred_epochs": 1, "cls_epochs": 5}}
+
+
+def small(name: str) -> dict:
+    """A method's tiny training parameters for these tests."""
+    return dict(TINY_BY_NAME.get(name, TINY))
 
 
 @pytest.fixture(scope="module")
@@ -138,19 +146,19 @@ def test_mixed_supervision_masks_subset(tiny) -> None:
 def test_fit_without_anomalies_raises(name: str, tiny) -> None:
     train, _, anomalies = tiny
     with pytest.raises(ConfigError):
-        registry.create(name, **TINY).fit(train)
+        registry.create(name, **small(name)).fit(train)
     with pytest.raises(ConfigError):
-        registry.create(name, **TINY).fit(train, anomalies=anomalies.subset([]))
+        registry.create(name, **small(name)).fit(train, anomalies=anomalies.subset([]))
 
 
 @pytest.mark.parametrize("name", WEAK)
 def test_deterministic_with_seed(name: str, tiny) -> None:
     train, test, anomalies = tiny
-    a = registry.create(name, **TINY).fit(train, anomalies=anomalies).predict(test)
-    b = registry.create(name, **TINY).fit(train, anomalies=anomalies).predict(test)
+    a = registry.create(name, **small(name)).fit(train, anomalies=anomalies).predict(test)
+    b = registry.create(name, **small(name)).fit(train, anomalies=anomalies).predict(test)
     np.testing.assert_array_equal(a.scores.numpy(), b.scores.numpy())
     np.testing.assert_array_equal(a.maps.numpy(), b.maps.numpy())
-    c = registry.create(name, seed=1, **TINY).fit(train, anomalies=anomalies).predict(test)
+    c = registry.create(name, seed=1, **small(name)).fit(train, anomalies=anomalies).predict(test)
     assert not np.array_equal(a.scores.numpy(), c.scores.numpy())
 
 
@@ -158,7 +166,7 @@ def test_deterministic_with_seed(name: str, tiny) -> None:
 def test_deterministic_whether_features_are_cached_or_not(name: str, tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     """A feature-cache miss builds the backbone, which draws from the global RNG; weights must not depend on it."""
     train, test, anomalies = tiny
-    a = registry.create(name, **TINY).fit(train, anomalies=anomalies).predict(test)
+    a = registry.create(name, **small(name)).fit(train, anomalies=anomalies).predict(test)
     real = weak_training.extract_features
 
     def miss(*args, **kwargs):
@@ -166,7 +174,7 @@ def test_deterministic_whether_features_are_cached_or_not(name: str, tiny, monke
         return real(*args, **kwargs)
 
     monkeypatch.setattr(weak_training, "extract_features", miss)
-    b = registry.create(name, **TINY).fit(train, anomalies=anomalies).predict(test)
+    b = registry.create(name, **small(name)).fit(train, anomalies=anomalies).predict(test)
     np.testing.assert_array_equal(a.scores.numpy(), b.scores.numpy())
 
 
@@ -180,7 +188,7 @@ def test_more_labelled_anomalies(name: str, tiny) -> None:
                     has_mask=torch.cat([anomalies.has_mask, torch.zeros(len(extra), dtype=torch.bool)]),
                     defect_types=anomalies.defect_types + extra.defect_types)  # the extra ones without masks
     for labelled in (anomalies.subset([0]), anomalies, more):
-        pred = registry.create(name, **TINY).fit(train, anomalies=labelled).predict(test)
+        pred = registry.create(name, **small(name)).fit(train, anomalies=labelled).predict(test)
         assert pred.scores.shape == (len(test),) and torch.isfinite(pred.scores).all()
         assert pred.maps is not None and torch.isfinite(pred.maps).all()
 
@@ -192,7 +200,7 @@ def test_runner_removes_labelled_images_from_every_evaluation(tmp_path) -> None:
     from engine.data import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path, "brick", n_train=8, n_test_good=4, n_defect_per_type=3, size=64)
-    tiny_params = {name: dict(TINY) for name in WEAK}
+    tiny_params = {name: small(name) for name in WEAK}
     cfg = RunConfig(methods=["devnet", "mixed_supervision", "patchcore"], image_size=64, device="cpu",
                     labeled_anomalies=2, params=tiny_params, use_cache=False)
     res = run_methods(root, cfg)
