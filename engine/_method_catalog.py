@@ -753,13 +753,14 @@ METHODS = [{'name': 'efficient_ad',
            "R_pred1; the predictor's architecture; the image score; training lengths; the reported numbers. Ours: "
            '16×16 patches at stride 8 of 64 px images (quality: 32×32 at stride 16 of 128 px), small conv '
            "autoencoder, one fresh autoencoder per episode; policy = MLP on each pool patch's (log loss, its fall "
-           'since the episode began, episode fraction) with a softmax over the pool of normal patches; per-pixel '
-           'profiles of 10 losses evenly spaced over the episode; predictor = 3-layer conv net on the standardised '
-           'log profiles, class-balanced pixel BCE; REINFORCE (plain SGD) with a moving-average baseline; profiles '
-           "of new images from the last episode's saved weights; score = max of the smoothed map. Held-out normal "
-           'images (a quarter) and the labelled anomalies stay unseen by the autoencoder so the predictor learns on '
-           'profiles like those of new images. fast (reduced): 8 episodes of 50 steps, a pool of at most 4096 '
-           'patches, at most 48 images per class for the profiles.',
+           'since the episode began, episode fraction) with a softmax over the pool of normal patches; a profile of '
+           '10 losses evenly spaced over the episode for every pixel, each loss the squared error averaged over the '
+           '7×7 window around it (quality: 13×13); predictor = 3-layer conv net on the standardised log profiles, '
+           'class-balanced pixel BCE; REINFORCE (plain SGD) with a moving-average baseline; profiles of new images '
+           "from the last episode's saved weights; score = max of the smoothed map. Held-out normal images (a "
+           'quarter) and the labelled anomalies stay unseen by the autoencoder so the predictor learns on profiles '
+           'like those of new images. fast (reduced): 8 episodes of 50 steps, a pool of at most 4096 patches, at '
+           'most 48 images per class for the profiles.',
   'trained': True,
   'uses_backbone': False,
   'presets': {'test': {'episodes': 2,
@@ -774,6 +775,7 @@ METHODS = [{'name': 'efficient_ad',
                           'patch': 32,
                           'stride': 16,
                           'widths': (32, 64, 128),
+                          'region': 13,
                           'episodes': 40,
                           'steps_per_episode': 200,
                           'n_records': 20}},

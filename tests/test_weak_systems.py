@@ -21,6 +21,7 @@ from engine.methods.weakly_supervised.neural_batch_sampler import (
     prediction_reward,
     profile_stats,
     record_points,
+    region_mean,
     reinforce_loss,
     sampler_states,
     standardise_profiles,
@@ -98,9 +99,10 @@ def test_grad_cam_by_hand_and_differentiable() -> None:
     assert torch.isfinite(gw).all()
 
 
-def test_cavga_k0_is_the_same_error_as_devnet(tmp_path) -> None:
+@pytest.mark.parametrize("method", ["cavga", "neural_batch_sampler"])
+def test_k0_is_the_same_error_as_devnet(tmp_path, method: str) -> None:
     msgs = []
-    for name in ("devnet", "cavga"):
+    for name in ("devnet", method):
         with pytest.raises(ConfigError, match="labelled anomalies") as e:
             run_methods(tmp_path, RunConfig(methods=[name], labeled_anomalies=0))
         msgs.append(str(e.value).replace(name, "METHOD"))
@@ -222,3 +224,28 @@ def test_devnet_trains_on_normal_images_beyond_the_pool(tmp_path, monkeypatch: p
                            det.std_)
     used = {int((feats - row).flatten(1).abs().amax(1).argmin()) for batch in seen for row in batch}
     assert used == set(range(len(train)))
+
+
+def test_pixel_targets_keep_thin_defects_when_shrinking() -> None:
+    """A one-pixel crack at 128 px stays positive at the 64 px working size (an interpolated, thresholded mask
+    lost it)."""
+    from engine.api import ImageSet
+    from engine.methods.weakly_supervised.neural_batch_sampler import NeuralBatchSampler
+
+    masks = torch.zeros(2, 128, 128, dtype=torch.uint8)
+    masks[0, 40, 10:90] = 1                                    # a horizontal crack, one pixel wide
+    views = ImageSet(images=torch.zeros(2, 3, 128, 128, dtype=torch.uint8), labels=torch.ones(2, dtype=torch.int64),
+                     masks=masks, has_mask=torch.tensor([True, False]), defect_types=["crack", "crack"])
+    y = NeuralBatchSampler(size=64)._pixel_targets(views)
+    assert y.shape == (2, 64, 64)
+    assert y[0, 20, 5:45].eq(1).all() and int(y[0].sum()) == 40  # row 40 -> 20, columns 10..89 -> 5..44
+    assert y[1].eq(1).all()                                     # no mask: every pixel counts as anomalous
+
+
+def test_region_mean_by_hand() -> None:
+    err = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]).view(1, 1, 3, 3)
+    r = region_mean(err, 3)[0, 0]
+    assert float(r[1, 1]) == pytest.approx(5.0)                       # the full 3×3 window
+    assert float(r[0, 0]) == pytest.approx((1 + 2 + 4 + 5) / 4)       # a corner averages what lies inside
+    assert float(r[0, 1]) == pytest.approx((1 + 2 + 3 + 4 + 5 + 6) / 6)
+    assert torch.equal(region_mean(err, 1), err)

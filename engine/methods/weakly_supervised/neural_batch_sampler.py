@@ -16,8 +16,9 @@ What of that is in the stored text of the paper (abstract; the §3 passage on th
      and their per-pixel loss profiles are what the predictor learns from.
   2. An episode: a freshly initialised autoencoder takes `steps_per_episode` SGD steps on batches the policy
      draws from the pool (a softmax over the pool from an MLP on each patch's state, see `sampler_states`);
-     after every `steps_per_episode / n_records` updates the per-pixel reconstruction loss of the held-out and
-     labelled images is recorded, so each pixel gets a loss profile of `n_records` values.
+     after every `steps_per_episode / n_records` updates the reconstruction loss around every pixel of the
+     held-out and labelled images is recorded (the squared error averaged over a `region`×`region` window), so
+     each pixel gets a loss profile of `n_records` values.
   3. End of episode: the predictor (a small fully convolutional net on the standardised log profiles) is scored
      on them with a class-balanced pixel BCE; reward = −that loss; the policy takes one REINFORCE step on the sum
      of the episode's log-probabilities with a moving-average baseline, then the predictor trains on the
@@ -138,6 +139,14 @@ def to_patches(x: torch.Tensor, patch: int, stride: int) -> tuple[torch.Tensor, 
     return u.permute(0, 2, 3, 1, 4, 5).reshape(n * h * w, c, patch, patch).contiguous(), (h, w)
 
 
+def region_mean(err: torch.Tensor, region: int) -> torch.Tensor:
+    """(N, 1, H, W) -> the same: the mean over the `region`×`region` window centred on each pixel (windows cut at
+    the border average what lies inside). A single pixel's squared error is too noisy a loss for a profile."""
+    if region <= 1:
+        return err
+    return F.avg_pool2d(err, region, stride=1, padding=region // 2, count_include_pad=False)
+
+
 def record_points(steps: int, n_records: int) -> dict[int, list[int]]:
     """Updates done -> the profile entries recorded then: `n_records` points evenly over `steps` updates (several
     at one point when steps < n_records), the last after the final update."""
@@ -165,8 +174,9 @@ def record_points(steps: int, n_records: int) -> dict[int, list[int]]:
           "numbers. Ours: 16×16 patches at stride 8 of 64 px images (quality: 32×32 at stride 16 of 128 px), "
           "small conv autoencoder, one fresh autoencoder per episode; policy = MLP on each pool patch's (log "
           "loss, its fall since the episode began, episode fraction) with a softmax over the pool of normal "
-          "patches; per-pixel profiles of 10 losses evenly spaced over the episode; predictor = 3-layer conv "
-          "net on the standardised log profiles, class-balanced pixel BCE; REINFORCE (plain SGD) with a "
+          "patches; a profile of 10 losses evenly spaced over the episode for every pixel, each loss the squared "
+          "error averaged over the 7×7 window around it (quality: 13×13); predictor = 3-layer conv net on the "
+          "standardised log profiles, class-balanced pixel BCE; REINFORCE (plain SGD) with a "
           "moving-average baseline; profiles of new images from the last episode's saved weights; score = max "
           "of the smoothed map. Held-out normal images (a quarter) and the labelled anomalies stay unseen by "
           "the autoencoder so the predictor learns on profiles like those of new images. fast (reduced): 8 "
@@ -175,8 +185,8 @@ def record_points(steps: int, n_records: int) -> dict[int, list[int]]:
     presets={"test": {"episodes": 2, "steps_per_episode": 8, "n_records": 4, "max_pool_patches": 1024,
                       "max_profile_images": 8, "pred_epochs": 2, "cls_epochs": 30},
              "fast": {"episodes": 8, "steps_per_episode": 50, "max_pool_patches": 4096, "max_profile_images": 48},
-             "quality": {"size": 128, "patch": 32, "stride": 16, "widths": (32, 64, 128), "episodes": 40,
-                         "steps_per_episode": 200, "n_records": 20}},
+             "quality": {"size": 128, "patch": 32, "stride": 16, "widths": (32, 64, 128), "region": 13,
+                         "episodes": 40, "steps_per_episode": 200, "n_records": 20}},
     reduced_presets=("test", "fast"),
 )
 class NeuralBatchSampler(BaseDetector):
@@ -185,10 +195,11 @@ class NeuralBatchSampler(BaseDetector):
     requires_anomalies = True
 
     def __init__(self, size: int = 64, patch: int = 16, stride: int = 8, widths: tuple[int, ...] = (32, 64),
-                 latent_channels: int = 32, n_records: int = 10, holdout: float = 0.25, policy_hidden: int = 16,
+                 latent_channels: int = 32, region: int = 7, n_records: int = 10, holdout: float = 0.25,
+                 policy_hidden: int = 16,
                  baseline_decay: float = 0.8, max_profile_images: int | None = None,
                  max_pool_patches: int | None = None, augment: bool = True, episodes: int = 20,
-                 steps_per_episode: int = 50, refresh_every: int = 10, batch_size: int = 32, lr: float = 1e-3,
+                 steps_per_episode: int = 50, refresh_every: int = 25, batch_size: int = 32, lr: float = 1e-3,
                  policy_lr: float = 0.1, pred_epochs: int = 5, cls_epochs: int = 50, pred_batch_size: int = 16,
                  seed: int = 0):
         self.size = size
@@ -196,6 +207,7 @@ class NeuralBatchSampler(BaseDetector):
         self.stride = stride
         self.widths = tuple(widths)
         self.latent_channels = latent_channels
+        self.region = region
         self.n_records = n_records
         self.holdout = holdout
         self.policy_hidden = policy_hidden
@@ -223,12 +235,20 @@ class NeuralBatchSampler(BaseDetector):
                              antialias=x.shape[-1] > self.size).clamp(0, 1)
 
     def _pixel_targets(self, views: ImageSet) -> torch.Tensor:
-        """(Na, size, size) float: a labelled anomaly's mask at the working size (every pixel without a mask)."""
+        """(Na, size, size) float: a labelled anomaly's mask at the working size (every pixel without a mask).
+
+        Shrinking keeps every cell that holds a defect pixel (max pooling): thresholding an interpolated mask
+        erased thin cracks, leaving some labelled anomalies without a positive pixel.
+        """
         n = len(views)
         y = torch.ones(n, self.size, self.size)
         if views.masks is not None and views.has_mask is not None:
-            m = (self._working(views.masks.float()[:, None])[:, 0] > 0.5).float()
-            y = torch.where(views.has_mask.view(-1, 1, 1), m, y)
+            m = views.masks.float()[:, None]
+            if m.shape[-1] >= self.size and m.shape[-2] >= self.size:
+                m = F.adaptive_max_pool2d(m, (self.size, self.size))
+            else:
+                m = F.interpolate(m, size=(self.size, self.size), mode="nearest")
+            y = torch.where(views.has_mask.view(-1, 1, 1), (m[:, 0] > 0.5).float(), y)
         return y
 
     def _capped(self, n: int, g: torch.Generator) -> list[int]:
@@ -252,17 +272,18 @@ class NeuralBatchSampler(BaseDetector):
         ae.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)
 
-    @staticmethod
-    def _pixel_log_losses(ae: nn.Module, images: torch.Tensor, device: str, chunk: int = 64) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, H, W) log of the channel-mean squared reconstruction error of every pixel, in eval
-        mode and without gradients; the module's mode is restored."""
+    def _pixel_log_losses(self, ae: nn.Module, images: torch.Tensor, device: str, chunk: int = 64) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, H, W) log reconstruction loss of the region around every pixel: the squared error
+        averaged over channels and a `region`×`region` window, in eval mode and without gradients (the module's
+        mode is restored)."""
         was_training = ae.training
         ae.eval()
         out = []
         with torch.no_grad():
             for i in range(0, images.shape[0], chunk):
                 x = images[i:i + chunk].to(device)
-                out.append((ae(x).float() - x).pow(2).mean(1).clamp_min(1e-12).log().cpu())
+                err = (ae(x).float() - x).pow(2).mean(1, keepdim=True)
+                out.append(region_mean(err, self.region)[:, 0].clamp_min(1e-12).log().cpu())
         ae.train(was_training)
         return torch.cat(out)
 
