@@ -18,6 +18,7 @@ from engine.methods.weakly_supervised.neural_batch_sampler import (
     ProfilePredictor,
     SamplerPolicy,
     balanced_bce,
+    from_patches,
     prediction_reward,
     profile_stats,
     record_points,
@@ -182,6 +183,7 @@ def test_to_patches_order() -> None:
     p, grid = to_patches(x, 2, 2)
     assert grid == (2, 2) and p.shape == (8, 1, 2, 2)
     torch.testing.assert_close(p[1, 0], x[0, 0, 0:2, 2:4])   # image 0, row 0, column 1
+    assert torch.equal(from_patches(p, 2, grid), x)             # non-overlapping tiles stitch back exactly
     torch.testing.assert_close(p[6, 0], x[1, 0, 2:4, 0:2])   # image 1, row 1, column 0
 
 

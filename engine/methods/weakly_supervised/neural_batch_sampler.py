@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.api import ImageSet, Prediction, Progress
+from engine.api import ConfigError, ImageSet, Prediction, Progress
 from engine.components.anomaly_map import to_pixel_map
 from engine.components.nets import ConvDecoder, ConvEncoder
 from engine.components.train_loop import Objective, TrainConfig, train_loop
@@ -137,6 +137,13 @@ def to_patches(x: torch.Tensor, patch: int, stride: int) -> tuple[torch.Tensor, 
     u = x.unfold(2, patch, stride).unfold(3, patch, stride)          # (N, C, h, w, p, p)
     h, w = u.shape[2], u.shape[3]
     return u.permute(0, 2, 3, 1, 4, 5).reshape(n * h * w, c, patch, patch).contiguous(), (h, w)
+
+
+def from_patches(patches: torch.Tensor, n: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `to_patches` for non-overlapping patches: (n·h·w, C, p, p) -> (n, C, h·p, w·p)."""
+    h, w = grid
+    c, p = patches.shape[1], patches.shape[-1]
+    return patches.view(n, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h * p, w * p)
 
 
 def region_mean(err: torch.Tensor, region: int) -> torch.Tensor:
@@ -282,7 +289,10 @@ class NeuralBatchSampler(BaseDetector):
         with torch.no_grad():
             for i in range(0, images.shape[0], chunk):
                 x = images[i:i + chunk].to(device)
-                err = (ae(x).float() - x).pow(2).mean(1, keepdim=True)
+                # The autoencoder sees patches as in training (on whole images, pixels far from a patch border
+                # met context it never trained with); the tiles do not overlap, so each pixel is reconstructed once.
+                tiles, grid = to_patches(x, self.patch, self.patch)
+                err = from_patches((ae(tiles).float() - tiles).pow(2).mean(1, keepdim=True), x.shape[0], grid)
                 out.append(region_mean(err, self.region)[:, 0].clamp_min(1e-12).log().cpu())
         ae.train(was_training)
         return torch.cat(out)
@@ -354,6 +364,9 @@ class NeuralBatchSampler(BaseDetector):
     # --- fit -------------------------------------------------------------------------------------------------
     def _fit(self, train: ImageSet, anomalies: ImageSet | None, progress: Progress) -> None:
         assert anomalies is not None
+        if self.size % self.patch:
+            raise ConfigError(f"neural_batch_sampler: size {self.size} must be a multiple of patch {self.patch} "
+                              "(images are scored as a grid of whole patches)")
         g, dev = self.generator_, self.device_
         n_img = len(train)
         n_hold = max(1, int(round(self.holdout * n_img))) if n_img > 1 else 0
