@@ -750,17 +750,17 @@ METHODS = [{'name': 'efficient_ad',
            "not found in any stored copy, so these are not from the paper: the autoencoder's architecture, patch and "
            "input size and optimiser; the profile's length and spacing; the sampler's state, actions, network and RL "
            'details (baseline, episode length, whether the autoencoder restarts per episode), any reward besides '
-           "R_pred1; the predictor's architecture; the image score; training lengths; the reported numbers. Ours: "
-           '16×16 patches at stride 8 of 64 px images (quality: 32×32 at stride 16 of 128 px), small conv '
+           "R_pred1; the predictor's architecture; the image score; training lengths; the reported numbers. Ours: 64 "
+           'px images, a pool of 16×16 patches at stride 8 (quality: 128 px, 32×32 at stride 16), small conv '
            "autoencoder, one fresh autoencoder per episode; policy = MLP on each pool patch's (log loss, its fall "
            'since the episode began, episode fraction) with a softmax over the pool of normal patches; a profile of '
            '10 losses evenly spaced over the episode for every pixel, each loss the squared error averaged over the '
            '7×7 window around it (quality: 13×13); predictor = 3-layer conv net on the standardised log profiles, '
            'class-balanced pixel BCE; REINFORCE (plain SGD) with a moving-average baseline; profiles of new images '
-           "from the last episode's saved weights; score = max of the smoothed map. Held-out normal images (a "
-           'quarter) and the labelled anomalies stay unseen by the autoencoder so the predictor learns on profiles '
-           'like those of new images. fast (reduced): 8 episodes of 50 steps, a pool of at most 4096 patches, at '
-           'most 48 images per class for the profiles.',
+           "from the last episode's saved weights, each image passed as a grid of non-overlapping patches; score = "
+           'max of the smoothed map. Held-out normal images (a quarter) and the labelled anomalies stay unseen by '
+           'the autoencoder so the predictor learns on profiles like those of new images. fast (reduced): 8 episodes '
+           'of 50 steps, a pool of at most 4096 patches, at most 48 images per class for the profiles.',
   'trained': True,
   'uses_backbone': False,
   'presets': {'test': {'episodes': 2,

@@ -17,8 +17,8 @@ What of that is in the stored text of the paper (abstract; the §3 passage on th
   2. An episode: a freshly initialised autoencoder takes `steps_per_episode` SGD steps on batches the policy
      draws from the pool (a softmax over the pool from an MLP on each patch's state, see `sampler_states`);
      after every `steps_per_episode / n_records` updates the reconstruction loss around every pixel of the
-     held-out and labelled images is recorded (the squared error averaged over a `region`×`region` window), so
-     each pixel gets a loss profile of `n_records` values.
+     held-out and labelled images is recorded (each image passed as a grid of non-overlapping patches, the
+     squared error averaged over a `region`×`region` window), so each pixel gets a profile of `n_records` losses.
   3. End of episode: the predictor (a small fully convolutional net on the standardised log profiles) is scored
      on them with a class-balanced pixel BCE; reward = −that loss; the policy takes one REINFORCE step on the sum
      of the episode's log-probabilities with a moving-average baseline, then the predictor trains on the
@@ -104,8 +104,8 @@ class SamplerPolicy(nn.Module):
 
 
 class PatchAE(nn.Module):
-    """Small fully convolutional autoencoder: (N, 3, H, W) -> (N, 3, H, W) in [0, 1]; trained on patches, it is
-    applied to whole images to give every pixel its loss (H, W divisible by 2^len(widths))."""
+    """Small convolutional autoencoder on patches: (N, 3, p, p) -> (N, 3, p, p) in [0, 1] (p divisible by
+    2^len(widths)); images are scored as a grid of such patches."""
 
     def __init__(self, widths: tuple[int, ...], latent_channels: int):
         super().__init__()
@@ -178,16 +178,17 @@ def record_points(steps: int, n_records: int) -> dict[int, list[int]]:
           "patch and input size and optimiser; the profile's length and spacing; the sampler's state, actions, "
           "network and RL details (baseline, episode length, whether the autoencoder restarts per episode), any "
           "reward besides R_pred1; the predictor's architecture; the image score; training lengths; the reported "
-          "numbers. Ours: 16×16 patches at stride 8 of 64 px images (quality: 32×32 at stride 16 of 128 px), "
+          "numbers. Ours: 64 px images, a pool of 16×16 patches at stride 8 (quality: 128 px, 32×32 at stride 16), "
           "small conv autoencoder, one fresh autoencoder per episode; policy = MLP on each pool patch's (log "
           "loss, its fall since the episode began, episode fraction) with a softmax over the pool of normal "
           "patches; a profile of 10 losses evenly spaced over the episode for every pixel, each loss the squared "
           "error averaged over the 7×7 window around it (quality: 13×13); predictor = 3-layer conv net on the "
-          "standardised log profiles, class-balanced pixel BCE; REINFORCE (plain SGD) with a "
-          "moving-average baseline; profiles of new images from the last episode's saved weights; score = max "
-          "of the smoothed map. Held-out normal images (a quarter) and the labelled anomalies stay unseen by "
-          "the autoencoder so the predictor learns on profiles like those of new images. fast (reduced): 8 "
-          "episodes of 50 steps, a pool of at most 4096 patches, at most 48 images per class for the profiles.",
+          "standardised log profiles, class-balanced pixel BCE; REINFORCE (plain SGD) with a moving-average "
+          "baseline; profiles of new images from the last episode's saved weights, each image passed as a grid of "
+          "non-overlapping patches; score = max of the smoothed map. Held-out normal images (a quarter) and the "
+          "labelled anomalies stay unseen by the autoencoder so the predictor learns on profiles like those of "
+          "new images. fast (reduced): 8 episodes of 50 steps, a pool of at most 4096 patches, at most 48 images "
+          "per class for the profiles.",
     faithful=False, trained=True, uses_backbone=False,
     presets={"test": {"episodes": 2, "steps_per_episode": 8, "n_records": 4, "max_pool_patches": 1024,
                       "max_profile_images": 8, "pred_epochs": 2, "cls_epochs": 30},
