@@ -5,4 +5,4 @@ from engine.threads import prepare_environment as _prepare_environment
 # Before any engine module imports torch: libgomp reads its wait policy once, when it is loaded.
 _prepare_environment()
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

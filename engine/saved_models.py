@@ -11,7 +11,7 @@ Format (version 1), documented here and in the README; no pickle, nothing execut
 
 model.json::
 
-    {"format": "adlab-model", "format_version": 1, "engine_version": "0.4.0",
+    {"format": "adlab-model", "format_version": 1, "engine_version": "0.5.0",
      "method", "family", "localises", "image_size": S, "backbone", "weights", "params": {...},
      "thresholds": {"f1": t | null, "fpr": {"0.01": t, "0.05": t, "0.1": t}},
      "good_scores": [...],          scores of the run's good test images: any "fpr:N" threshold is computed from them
