@@ -90,6 +90,15 @@ def _sqdist(rows: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return s[:, 0]
 
 
+def _row_sqnorms(z: torch.Tensor) -> torch.Tensor:
+    """(N,) squared norms of the rows of z (N, w), in row chunks (z * z of all rows at once is a copy of z)."""
+    out = z.new_empty(z.shape[0])
+    for a in range(0, z.shape[0], _ROW_CHUNK):
+        r = z[a:a + _ROW_CHUNK]
+        out[a:a + _ROW_CHUNK] = (r * r).sum(1)
+    return out
+
+
 def greedy_coreset(x: torch.Tensor, n: int, *, proj_dim: int = 128, seed: int = 0,
                    progress: Callable[[float], None] | None = None) -> torch.Tensor:
     """Indices (n,) of a greedy k-center coreset of the rows of x (N, D); n is clipped to [1, N].
@@ -105,7 +114,7 @@ def greedy_coreset(x: torch.Tensor, n: int, *, proj_dim: int = 128, seed: int = 
     n = max(1, min(int(n), n_total))
     if n == n_total:
         return torch.arange(n_total)
-    if not bool(torch.isfinite(x).all()):
+    if not all(bool(torch.isfinite(x[a:a + _ROW_CHUNK]).all()) for a in range(0, n_total, _ROW_CHUNK)):
         raise ValueError("greedy_coreset: the features contain NaN or infinite values")
     g = torch.Generator().manual_seed(seed)
     z = random_projection(x.float(), proj_dim, g).contiguous()
@@ -124,7 +133,7 @@ def greedy_k_center(z: torch.Tensor, n: int, first: int, *, progress: Callable[[
     n_total = z.shape[0]
     z = _pad_pow2(z.float()).contiguous()
     dev = z.device
-    sq = (z * z).sum(1)  # (N,) for the product distances only
+    sq = _row_sqnorms(z)  # (N,) for the product distances only
     p_err = _product_err(z.shape[1])
     selected = torch.empty(n, dtype=torch.int64, device=dev)
     selected[0] = first

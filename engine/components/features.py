@@ -100,14 +100,20 @@ def run_backbone(extractor: FeatureExtractor, images: torch.Tensor, device: str,
     """Forward (N,3,H,W) uint8 or float images in batches; returns per-layer (N,C,h,w) float32 on CPU."""
     n = images.shape[0]
     bs = batch_size(device)
-    outs: list[list[torch.Tensor]] = [[] for _ in extractor.layers]
+    # Batches are written into the outputs (a list of batches then torch.cat held every layer twice at the end).
+    outs: list[torch.Tensor] = []
     with torch.inference_mode(), autocast(device):
         for start in range(0, n, bs):
             x = to_float_images(images[start:start + bs]).to(device, non_blocking=True)
             for i, f in enumerate(extractor(x)):
-                outs[i].append(f.float().cpu())
+                if len(outs) <= i:
+                    with torch.inference_mode(False):  # ordinary tensors, as the caller had from torch.cat
+                        outs.append(torch.empty((n, *f.shape[1:]), dtype=torch.float32))
+                outs[i][start:start + f.shape[0]] = f
             progress(stage, min(1.0, (start + bs) / n), {"images": min(n, start + bs), "of": n})
-    return [torch.cat(o) for o in outs]
+    if not outs:
+        raise ValueError("run_backbone: there are no images")
+    return outs
 
 
 def extract_features(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "efficientnet_lite0",
@@ -183,8 +189,53 @@ def patch_features(images: ImageSet, layers: tuple[str, ...], *, backbone: str =
     patch_size > 1 averages each stage over a patch×patch neighbourhood first (PatchCore's locally aware
     features; `pad` as in `local_average`); deeper stages are resampled so every cell stays over the pixels it sees.
     """
-    from engine.components.anomaly_map import local_average, resize_and_concat
-
     feats = extract_features(images, layers, backbone=backbone, weights=weights, device=device,
                              progress=progress or no_progress)
+    return _locally_aware(feats, patch_size, pad)
+
+
+def _locally_aware(feats: list[torch.Tensor], patch_size: int, pad: str) -> torch.Tensor:
+    """Per-layer (n, C_l, h_l, w_l) -> (n, ΣC, h, w): local averages resampled to the first layer's grid."""
+    from engine.components.anomaly_map import local_average, resize_and_concat
+
     return resize_and_concat([local_average(f, patch_size, pad) for f in feats])
+
+
+def patch_feature_chunks(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "efficientnet_lite0",
+                         weights: str = "auto", device: str = "cpu", patch_size: int = 1, pad: str = "zero",
+                         chunk: int = 32, progress: Progress | None = None) -> Iterator[torch.Tensor]:
+    """`patch_features` of `chunk` images at a time, in order: (b, ΣC, h, w) per chunk, the same values.
+
+    Only the cached per-layer features are whole; a chunk's local averages and resampled layers are freed before
+    the next one is made (the whole set's map and its intermediates were about 4× the map: 2 GB for 762 images
+    of 288×256 px).
+    """
+    feats = extract_features(images, layers, backbone=backbone, weights=weights, device=device,
+                             progress=progress or no_progress)
+    for s in range(0, feats[0].shape[0], chunk):
+        yield _locally_aware([f[s:s + chunk] for f in feats], patch_size, pad)
+
+
+def patch_rows(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "efficientnet_lite0",
+               weights: str = "auto", device: str = "cpu", patch_size: int = 1, pad: str = "zero",
+               chunk: int = 32, progress: Progress | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Every patch of `patch_features` as a row: ((N·h·w, ΣC) float32 in (image, y, x) order, (h, w)).
+
+    Equal to ``patch_features(...).permute(0, 2, 3, 1).reshape(-1, ΣC)``, filled chunk by chunk, so the
+    (N, ΣC, h, w) map and its row-major copy are never held together.
+    """
+    out: torch.Tensor | None = None
+    grid = (0, 0)
+    n = len(images)
+    row = 0
+    for emb in patch_feature_chunks(images, layers, backbone=backbone, weights=weights, device=device,
+                                    patch_size=patch_size, pad=pad, chunk=chunk, progress=progress):
+        b, d, h, w = emb.shape
+        if out is None:
+            out = torch.empty(n * h * w, d, dtype=emb.dtype, device=emb.device)
+            grid = (h, w)
+        out[row:row + b * h * w] = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        row += b * h * w
+    if out is None:
+        raise ValueError("patch_rows: there are no images")
+    return out, grid

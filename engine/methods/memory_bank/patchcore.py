@@ -9,7 +9,7 @@ import torch
 from engine.api import ImageSet, Prediction, Progress
 from engine.components.anomaly_map import to_pixel_map
 from engine.components.coreset import greedy_coreset
-from engine.components.features import patch_features
+from engine.components.features import patch_feature_chunks, patch_rows
 from engine.components.knn import NearestNeighbours
 from engine.methods.base import BaseDetector
 from engine.registry import register
@@ -52,14 +52,13 @@ class PatchCore(BaseDetector):
         self.sigma = sigma
         self.seed = seed
 
-    def _embed(self, images: ImageSet, progress: Progress | None = None) -> torch.Tensor:
-        """(N, D, h, w) locally aware patch embeddings at the resolution of the first layer."""
-        return patch_features(images, self.layers, backbone=self.backbone, weights=self.weights,
-                              device=self.device_, patch_size=self.patch_size, pad=self.pad, progress=progress)
+    def _feature_args(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "weights": self.weights, "device": self.device_,
+                "patch_size": self.patch_size, "pad": self.pad}
 
     def _fit(self, train: ImageSet, anomalies: ImageSet | None, progress: Progress) -> None:
-        emb = self._embed(train, progress)
-        patches = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        # (N·h·w, D) locally aware patch embeddings, built without the (N, D, h, w) map beside them
+        patches, _ = patch_rows(train, self.layers, progress=progress, **self._feature_args())
         n = max(1, int(round(self.coreset_ratio * patches.shape[0])))
         pool = patches
         if self.max_candidates is not None and patches.shape[0] > self.max_candidates:
@@ -68,25 +67,32 @@ class PatchCore(BaseDetector):
             # bounded (the bank still gets coreset_ratio of all patches).
             g = torch.Generator().manual_seed(self.seed)
             pool = patches[torch.randperm(patches.shape[0], generator=g)[: self.max_candidates]]
-        progress("coreset", 0.0, {"patches": patches.shape[0], "candidates": pool.shape[0], "keep": n})
+        n_patches = patches.shape[0]
+        del patches  # only the pool is needed from here (the same tensor without a candidate subset)
+        progress("coreset", 0.0, {"patches": n_patches, "candidates": pool.shape[0], "keep": n})
         idx = greedy_coreset(pool, n, proj_dim=self.proj_dim, seed=self.seed,
-                             progress=lambda f: progress("coreset", f, {"patches": patches.shape[0], "keep": n}))
+                             progress=lambda f: progress("coreset", f, {"patches": n_patches, "keep": n}))
         self.memory_bank_ = pool[idx].contiguous()
+        del pool
         self._knn = NearestNeighbours(self.memory_bank_, self.device_)
         progress("coreset", 1.0, {"bank": int(self.memory_bank_.shape[0])})
 
     def _predict(self, images: ImageSet) -> Prediction:
-        emb = self._embed(images)
-        n, d, h, w = emb.shape
-        q = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        dist, idx = self._knn.search(q, 1)
-        patch = dist[:, 0].reshape(n, h * w)
-        nn_idx = idx[:, 0].reshape(n, h * w)
-        best = patch.argmax(1)
-        s_star = patch[torch.arange(n), best]
-        scores = s_star * self._reweight(q.reshape(n, h * w, d)[torch.arange(n), best], nn_idx[torch.arange(n), best])
-        maps = to_pixel_map(patch.reshape(n, h, w), images.size, self.sigma)
-        return Prediction(scores=scores, maps=maps)
+        # A chunk of images at a time: their embeddings, nearest-bank distances and Eq. 7 weights; only the
+        # patch distances (N, h, w) of the whole set are kept.
+        patches, scores = [], []
+        for emb in patch_feature_chunks(images, self.layers, **self._feature_args()):
+            n, d, h, w = emb.shape
+            q = emb.permute(0, 2, 3, 1).reshape(n, h * w, d)
+            dist, idx = self._knn.search(q.reshape(-1, d), 1)
+            patch = dist[:, 0].reshape(n, h * w)
+            nn_idx = idx[:, 0].reshape(n, h * w)
+            best = patch.argmax(1)
+            rows = torch.arange(n)
+            scores.append(patch[rows, best] * self._reweight(q[rows, best], nn_idx[rows, best]))
+            patches.append(patch.reshape(n, h, w))
+        maps = to_pixel_map(torch.cat(patches), images.size, self.sigma)
+        return Prediction(scores=torch.cat(scores), maps=maps)
 
     def _reweight(self, m_test: torch.Tensor, m_star_idx: torch.Tensor) -> torch.Tensor:
         """Paper's Eq. 7 weight: 1 − softmax over the distances from m_test to m* and m*'s bank neighbours.
