@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.device import single_thread
@@ -39,29 +41,38 @@ def gaussian_fit(x: torch.Tensor, *, shrinkage: str = "ledoit_wolf", eps: float 
     shrinkage "ledoit_wolf" shrinks towards μI then adds eps·I; "fixed" is the PaDiM paper's S + eps·I
     (with the unbiased N − 1 normaliser).
     """
+    return gaussian_fit_chunks(x.shape[0], x.shape[2], lambda s, e: x[s:e], shrinkage=shrinkage, eps=eps,
+                               chunk=chunk)
+
+
+def gaussian_fit_chunks(p: int, d: int, rows: Callable[[int, int], torch.Tensor], *,
+                        shrinkage: str = "ledoit_wolf", eps: float = 0.01,
+                        chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gaussian_fit` of P positions whose samples come a chunk at a time: rows(s, e) -> (e − s, N, D).
+
+    The (P, N, D) samples are never held at once (2.5 GB for PaDiM on 762 images of 288×256 px). Chunks with the
+    values and the memory layout of the whole tensor's slices give the same result to the bit (the layout sets
+    the order of the sums over N).
+    """
+    if shrinkage not in ("ledoit_wolf", "fixed"):
+        raise ValueError(f"unknown shrinkage {shrinkage!r}")
     with single_thread():
-        return _gaussian_fit(x, shrinkage, eps, chunk)
-
-
-def _gaussian_fit(x: torch.Tensor, shrinkage: str, eps: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    p, d = x.shape[0], x.shape[2]
-    # Filled chunk by chunk: a list of chunks then torch.cat held the (P, D, D) precisions twice at the peak
-    # (2 × 507 MB for PaDiM at 256 px).
-    means = torch.empty(p, d)
-    precs = torch.empty(p, d, d)
-    eye = torch.eye(d)
-    for s in range(0, p, chunk):
-        xs = x[s:s + chunk]
-        if shrinkage == "ledoit_wolf":
-            mean, cov, _ = ledoit_wolf_cov(xs)
-        elif shrinkage == "fixed":
-            mean = xs.mean(1)
-            xc = (xs - mean[:, None]).double()
-            cov = (xc.transpose(1, 2) @ xc / max(1, xs.shape[1] - 1)).float()
-        else:
-            raise ValueError(f"unknown shrinkage {shrinkage!r}")
-        precs[s:s + chunk] = _spd_inverse(cov.float() + eps * eye)
-        means[s:s + chunk] = mean
+        # Filled chunk by chunk: a list of chunks then torch.cat held the (P, D, D) precisions twice at the peak
+        # (2 × 507 MB for PaDiM at 256 px).
+        means = torch.empty(p, d)
+        precs = torch.empty(p, d, d)
+        eye = torch.eye(d)
+        for s in range(0, p, chunk):
+            xs = rows(s, min(s + chunk, p))
+            if shrinkage == "ledoit_wolf":
+                mean, cov, _ = ledoit_wolf_cov(xs)
+            else:
+                mean = xs.mean(1)
+                xc = (xs - mean[:, None]).double()
+                cov = (xc.transpose(1, 2) @ xc / max(1, xs.shape[1] - 1)).float()
+                del xc
+            precs[s:s + chunk] = _spd_inverse(cov.float() + eps * eye)
+            means[s:s + chunk] = mean
     return means, precs
 
 

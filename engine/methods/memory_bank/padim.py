@@ -7,9 +7,9 @@ from typing import Any
 import torch
 
 from engine.api import ImageSet, Prediction, Progress
-from engine.components.anomaly_map import resize_and_concat, to_pixel_map
+from engine.components.anomaly_map import gather_positions, resize_and_concat, to_pixel_map
 from engine.components.features import extract_features
-from engine.components.gaussian import gaussian_fit, mahalanobis
+from engine.components.gaussian import gaussian_fit_chunks, mahalanobis
 from engine.methods.base import BaseDetector
 from engine.registry import register
 
@@ -56,12 +56,18 @@ class PaDiM(BaseDetector):
         g = torch.Generator().manual_seed(self.seed)
         keep = total if self.n_features is None else min(self.n_features, total)
         self.channels_ = torch.randperm(total, generator=g)[:keep].sort().values
-        emb = self._embed(self._features(train, progress))
-        n, d, h, w = emb.shape
+        feats = self._features(train, progress)
+        h, w = feats[0].shape[-2:]
+        subset = len(self.channels_) != total
+
+        def rows(s: int, e: int) -> torch.Tensor:
+            """(e − s, N, d) samples of positions s..e: rows of the embedding, made a chunk at a time."""
+            x = gather_positions(feats, (h, w), torch.arange(s, e))  # a view of (N, total, e − s)
+            # the subset taken before the permutation, as _embed does, keeps the layout (and so the sums' order)
+            return x.permute(1, 2, 0)[:, self.channels_].permute(2, 0, 1) if subset else x
+
         progress("gaussian", 0.0, {"positions": h * w})
-        x = emb.permute(2, 3, 0, 1).reshape(h * w, n, d)
-        del emb  # x is a copy: do not hold both through the Gaussian fit
-        self.mean_, self.precision_ = gaussian_fit(x, shrinkage=self.shrinkage, eps=self.eps)
+        self.mean_, self.precision_ = gaussian_fit_chunks(h * w, keep, rows, shrinkage=self.shrinkage, eps=self.eps)
         self.grid_ = (h, w)
         progress("gaussian", 1.0, {})
 
