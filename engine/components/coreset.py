@@ -108,18 +108,29 @@ def greedy_coreset(x: torch.Tensor, n: int, *, proj_dim: int = 128, seed: int = 
     far points. n = N returns arange(N). `progress(fraction)` is called about every 2% of the selections
     (it may raise to cancel).
     """
+    n = max(1, min(int(n), x.shape[0])) if x.shape[0] else 0
+    if n == x.shape[0] and n:
+        return torch.arange(n)
+    z, first = coreset_projection(x, proj_dim=proj_dim, seed=seed)
+    return greedy_k_center(z, n, first, progress=progress)
+
+
+def coreset_projection(x: torch.Tensor, *, proj_dim: int = 128, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """What `greedy_coreset` selects on: the seeded projection z (N, min(D, proj_dim)) of the rows of x (N, D)
+    and the seeded first row. ``greedy_k_center(z, n, first)`` then gives greedy_coreset's indices, and x may be
+    freed before it runs (PatchCore's 534 MB of patches on 762 images of 288×256 px).
+
+    ValueError for no rows or for NaN / infinite features.
+    """
     n_total = x.shape[0]
     if n_total == 0:
         raise ValueError("greedy_coreset: there are no feature rows to select from")
-    n = max(1, min(int(n), n_total))
-    if n == n_total:
-        return torch.arange(n_total)
     if not all(bool(torch.isfinite(x[a:a + _ROW_CHUNK]).all()) for a in range(0, n_total, _ROW_CHUNK)):
         raise ValueError("greedy_coreset: the features contain NaN or infinite values")
     g = torch.Generator().manual_seed(seed)
     z = random_projection(x.float(), proj_dim, g).contiguous()
     first = int(torch.randint(n_total, (1,), generator=g))
-    return greedy_k_center(z, n, first, progress=progress)
+    return z, first
 
 
 def greedy_k_center(z: torch.Tensor, n: int, first: int, *, progress: Callable[[float], None] | None = None,

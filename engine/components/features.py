@@ -23,13 +23,19 @@ from engine.cache import Cache, default_cache, make_key
 from engine.device import autocast, batch_size
 
 _SHARED_STRIDES = (4, 8, 16)
-_MEM_LIMIT_BYTES = 3 * 1024**3
+_MEM_LIMIT_BYTES = 3 * 1024**3  # all features kept in this process
+# Features that also sit in the disk cache are kept only up to this total: beyond it they are read back from disk
+# when asked for (a few hundred MB/s), so a large set's features of every layer, train and test, are not all held
+# while a method needs one split of its own layers (990 MB for 762 + 582 images of 288×256 px).
+_SPILL_LIMIT_BYTES = 256 * 1024**2
 
 
 class _LRU:
-    def __init__(self, limit_bytes: int):
+    def __init__(self, limit_bytes: int, spill_bytes: int):
         self.limit = limit_bytes
+        self.spill = spill_bytes
         self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.on_disk: set[str] = set()
         self.lock = threading.Lock()
 
     def get(self, key: str) -> torch.Tensor | None:
@@ -39,21 +45,38 @@ class _LRU:
                 self.items.move_to_end(key)
             return t
 
-    def put(self, key: str, t: torch.Tensor) -> None:
+    def put(self, key: str, t: torch.Tensor, on_disk: bool = False) -> None:
+        """Keep `t`; on_disk: the disk cache holds it too, so it may be dropped first (above the spill limit)."""
         with self.lock:
             self.items[key] = t
             self.items.move_to_end(key)
-            total = sum(v.numel() * v.element_size() for v in self.items.values())
+            (self.on_disk.add if on_disk else self.on_disk.discard)(key)
+            total = sum(_nbytes(v) for v in self.items.values())
+            for k in [k for k in self.items if k in self.on_disk and k != key]:  # oldest first
+                if total <= self.spill:
+                    break
+                total -= _nbytes(self.items.pop(k))
+                self.on_disk.discard(k)
             while total > self.limit and len(self.items) > 1:
-                _, old = self.items.popitem(last=False)
-                total -= old.numel() * old.element_size()
+                k, old = self.items.popitem(last=False)
+                self.on_disk.discard(k)
+                total -= _nbytes(old)
+
+    def keys(self) -> list[str]:
+        with self.lock:
+            return list(self.items)
 
     def clear(self) -> None:
         with self.lock:
             self.items.clear()
+            self.on_disk.clear()
 
 
-_memory = _LRU(_MEM_LIMIT_BYTES)
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+_memory = _LRU(_MEM_LIMIT_BYTES, _SPILL_LIMIT_BYTES)
 _pass_seconds: dict[str, float] = {}
 _compute_lock = threading.Lock()
 
@@ -89,7 +112,7 @@ def _lookup(key: str, cache: Cache) -> torch.Tensor | None:
         hit = cache.load("features", key)
         if hit is not None and "f" in hit[0]:
             t = hit[0]["f"]
-            _memory.put(key, t)
+            _memory.put(key, t, on_disk=True)
             if "seconds" in hit[1]:
                 _pass_seconds[key] = float(hit[1]["seconds"])
     return t
@@ -166,10 +189,10 @@ def _compute(images: ImageSet, keys: dict[str, str], missing: list[str], found: 
     secs = time.perf_counter() - t0
     for layer, f in zip(todo, feats, strict=True):
         k = feature_key(images, backbone, weights, layer)
-        _memory.put(k, f)
         _pass_seconds[k] = secs
         cache.store("features", k, {"f": f}, {"layer": layer, "backbone": backbone, "weights": ext.weights,
                                               "seconds": secs, "device": device})
+        _memory.put(k, f, on_disk=cache.has("features", k))
         if layer in keys:
             found[layer] = f
 

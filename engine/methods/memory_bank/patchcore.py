@@ -8,7 +8,7 @@ import torch
 
 from engine.api import ImageSet, Prediction, Progress
 from engine.components.anomaly_map import to_pixel_map
-from engine.components.coreset import greedy_coreset
+from engine.components.coreset import coreset_projection, greedy_k_center
 from engine.components.features import patch_feature_chunks, patch_rows
 from engine.components.knn import NearestNeighbours
 from engine.methods.base import BaseDetector
@@ -59,23 +59,44 @@ class PatchCore(BaseDetector):
     def _fit(self, train: ImageSet, anomalies: ImageSet | None, progress: Progress) -> None:
         # (N·h·w, D) locally aware patch embeddings, built without the (N, D, h, w) map beside them
         patches, _ = patch_rows(train, self.layers, progress=progress, **self._feature_args())
-        n = max(1, int(round(self.coreset_ratio * patches.shape[0])))
-        pool = patches
-        if self.max_candidates is not None and patches.shape[0] > self.max_candidates:
+        n_patches = patches.shape[0]
+        n = max(1, int(round(self.coreset_ratio * n_patches)))
+        rows = None  # the pool's rows of `patches`; None: all of them
+        if self.max_candidates is not None and n_patches > self.max_candidates:
             # The exact greedy selection still costs about (candidates × centres) distance pairs, only fewer
             # and in blocks (~8 CPU-minutes for 10% of 780k patches); a random subset keeps the fast preset
             # bounded (the bank still gets coreset_ratio of all patches).
             g = torch.Generator().manual_seed(self.seed)
-            pool = patches[torch.randperm(patches.shape[0], generator=g)[: self.max_candidates]]
-        n_patches = patches.shape[0]
-        del patches  # only the pool is needed from here (the same tensor without a candidate subset)
+            rows = torch.randperm(n_patches, generator=g)[: self.max_candidates]
+        pool = patches if rows is None else patches[rows]
+        del patches
         progress("coreset", 0.0, {"patches": n_patches, "candidates": pool.shape[0], "keep": n})
-        idx = greedy_coreset(pool, n, proj_dim=self.proj_dim, seed=self.seed,
-                             progress=lambda f: progress("coreset", f, {"patches": n_patches, "keep": n}))
-        self.memory_bank_ = pool[idx].contiguous()
-        del pool
+        if n >= pool.shape[0]:
+            self.memory_bank_ = pool.contiguous()
+        else:
+            # The selection runs on the projection only: the pool is freed meanwhile and the chosen rows made again.
+            z, first = coreset_projection(pool, proj_dim=self.proj_dim, seed=self.seed)
+            del pool
+            idx = greedy_k_center(z, n, first,
+                                  progress=lambda f: progress("coreset", f, {"patches": n_patches, "keep": n}))
+            del z
+            self.memory_bank_ = self._rows(train, idx if rows is None else rows[idx])
         self._knn = NearestNeighbours(self.memory_bank_, self.device_)
         progress("coreset", 1.0, {"bank": int(self.memory_bank_.shape[0])})
+
+    def _rows(self, images: ImageSet, idx: torch.Tensor) -> torch.Tensor:
+        """(len(idx), D): rows idx of patch_rows(images), in the order of idx, made a chunk of images at a time."""
+        out: torch.Tensor | None = None
+        start = 0
+        for emb in patch_feature_chunks(images, self.layers, **self._feature_args()):
+            b, d, h, w = emb.shape
+            if out is None:
+                out = torch.empty(idx.shape[0], d, dtype=emb.dtype)
+            here = ((idx >= start) & (idx < start + b * h * w)).nonzero().squeeze(1)
+            out[here] = emb.permute(0, 2, 3, 1).reshape(-1, d)[idx[here] - start]
+            start += b * h * w
+        assert out is not None
+        return out
 
     def _predict(self, images: ImageSet) -> Prediction:
         # A chunk of images at a time: their embeddings, nearest-bank distances and Eq. 7 weights; only the

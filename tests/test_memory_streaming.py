@@ -1,0 +1,114 @@
+"""Large sets are processed a chunk at a time (issue 18, item 4): the chunked paths give the values of the whole-set
+computations, and the whole-set intermediates are not built. No memory thresholds here (benchmarks/bench_memory.py
+measures the peaks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import engine.components.features as feats
+from engine import metrics, registry
+from engine.api import ImageSet
+from engine.cache import Cache
+from engine.components.anomaly_map import gather_positions, resize_and_concat, to_pixel_map
+from engine.components.gaussian import gaussian_fit, gaussian_fit_chunks
+
+
+def _images(n: int, seed: int = 0, size: tuple[int, int] = (40, 48)) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(images=torch.randint(0, 256, (n, 3, *size), generator=g, dtype=torch.uint8))
+
+
+def test_gather_positions_gives_the_rows_and_the_sums_of_the_whole_embedding() -> None:
+    g = torch.Generator().manual_seed(0)
+    fs = [torch.randn(6, 5, 12, 10, generator=g), torch.randn(6, 7, 6, 5, generator=g),
+          torch.randn(6, 3, 3, 3, generator=g)]
+    emb = resize_and_concat(fs, mode="nearest")
+    n, d, h, w = emb.shape
+    whole = emb.permute(2, 3, 0, 1).reshape(h * w, n, d)
+    for s, e in ((0, 7), (7, 64), (64, h * w)):
+        part = gather_positions(fs, (h, w), torch.arange(s, e))
+        assert torch.equal(part, whole[s:e])
+        assert torch.equal(part.mean(1), whole[s:e].mean(1))  # same layout, so the same order of additions
+    mean_a, prec_a = gaussian_fit(whole, shrinkage="fixed", chunk=16)
+    mean_b, prec_b = gaussian_fit_chunks(h * w, d, lambda s, e: gather_positions(fs, (h, w), torch.arange(s, e)),
+                                         shrinkage="fixed", chunk=16)
+    assert torch.equal(mean_a, mean_b) and torch.equal(prec_a, prec_b)
+
+
+def test_patch_rows_equal_the_whole_map_and_are_built_a_chunk_at_a_time(monkeypatch) -> None:
+    images = _images(7)
+    layers = ("blocks.2", "blocks.4")
+    whole = feats.patch_features(images, layers, patch_size=3)
+    seen = []
+    real = feats._locally_aware
+    monkeypatch.setattr(feats, "_locally_aware", lambda f, *a: seen.append(f[0].shape[0]) or real(f, *a))
+    rows, (h, w) = feats.patch_rows(images, layers, patch_size=3, chunk=3)
+    assert seen == [3, 3, 1]
+    assert (h, w) == tuple(whole.shape[-2:])
+    assert torch.equal(rows, whole.permute(0, 2, 3, 1).reshape(-1, whole.shape[1]))
+
+
+def test_patchcore_and_padim_never_embed_the_whole_set(monkeypatch) -> None:
+    train, test = _images(40, 1), _images(35, 2)
+    seen = []
+    real = feats._locally_aware
+    monkeypatch.setattr(feats, "_locally_aware", lambda f, *a: seen.append(f[0].shape[0]) or real(f, *a))
+    registry.create("patchcore", preset="test").fit(train).predict(test)
+    assert seen and max(seen) <= 32, seen
+
+    import engine.methods.memory_bank.padim as padim
+
+    def whole(*a, **k):
+        raise AssertionError("PaDiM's fit built the whole embedding")
+
+    det = registry.create("padim", preset="test")
+    monkeypatch.setattr(padim, "resize_and_concat", whole)
+    det.fit(train)
+    monkeypatch.undo()
+    assert det.predict(test).maps.shape == (35, 40, 48)
+
+
+def test_to_pixel_map_in_chunks_equals_one_pass() -> None:
+    p = torch.rand(9, 5, 6, generator=torch.Generator().manual_seed(3))
+    one = to_pixel_map(p, (40, 48), 2.0, chunk=100)
+    assert one.dtype == torch.float32 and one.shape == (9, 40, 48)
+    torch.testing.assert_close(to_pixel_map(p, (40, 48), 2.0, chunk=2), one, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("block", [1, 5, 97])
+def test_pro_curve_in_blocks_is_the_same_curve(monkeypatch, block: int) -> None:
+    rng = np.random.default_rng(block)
+    maps = np.round(rng.random((4, 20, 24)) * 30).astype(np.float32)  # many ties
+    masks = np.zeros((4, 20, 24), np.uint8)
+    masks[0, 2:6, 3:9] = masks[2, 10:18, 1:4] = masks[2, 0:2, 20:24] = 1
+    maps += masks * 8
+    m, g = metrics._check_pixels(maps, masks, None)
+    fpr, pro = metrics._pro_curve(m, g)
+    monkeypatch.setattr(metrics, "_PRO_BLOCK", block)
+    fpr_b, pro_b = metrics._pro_curve(m, g)
+    assert np.array_equal(fpr, fpr_b) and np.array_equal(pro, pro_b)
+    cut_f, cut_p = metrics._pro_curve(m, g, fpr_limit=0.3)
+    assert cut_f[-1] >= 0.3 and (cut_f[:-1] < 0.3).all()
+    assert np.array_equal(cut_f, fpr[:cut_f.shape[0]]) and np.array_equal(cut_p, pro[:cut_p.shape[0]])
+    assert metrics._area_to_limit(cut_f, cut_p, 0.3) == metrics._area_to_limit(fpr, pro, 0.3)
+
+
+def test_features_with_a_disk_copy_leave_memory_first_and_are_read_back(tmp_path, monkeypatch) -> None:
+    feats.clear_memory_cache()
+    monkeypatch.setattr(feats._memory, "spill", 1)  # keep only the newest entry that the disk also holds
+    calls = []
+    real = feats.run_backbone
+    monkeypatch.setattr(feats, "run_backbone", lambda *a, **k: calls.append(1) or real(*a, **k))
+    images, layers = _images(3), ("blocks.1", "blocks.2", "blocks.4")
+    a = feats.extract_features(images, layers, cache=Cache(tmp_path / "on"))
+    assert len(feats._memory.keys()) == 1
+    b = feats.extract_features(images, layers, cache=Cache(tmp_path / "on"))
+    assert calls == [1], "spilled features were recomputed instead of read from disk"
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    feats.clear_memory_cache()
+    feats.extract_features(images, layers, cache=Cache(tmp_path / "off", enabled=False))
+    assert len(feats._memory.keys()) == 3, "features with no disk copy must stay in memory"
+    feats.clear_memory_cache()
