@@ -38,6 +38,7 @@ __all__ = [
 _BOOT_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 _MAX_PIXELS = 20_000_000  # default pixel budget of pixel_auroc / evaluate
 _BOOT_CHUNK_CELLS = 2_000_000  # rows x images per vectorised bootstrap chunk (bounds memory)
+_BLOCK = 1 << 22  # sorted pixels per block in the shared sort's tie groups and the PRO curve's running sums
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,12 +88,16 @@ def _sort_groups(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     positions in that order where each group of equal scores begins, ``thresholds`` the distinct scores (decreasing).
     """
     order = np.argsort(scores)[::-1]  # order within ties is irrelevant: only group totals are used
-    s = scores[order]
-    new_group = np.empty(s.shape[0], dtype=bool)  # one bool per score: flatnonzero then makes the only int64 copy
+    n = order.shape[0]
+    # Where the sorted scores change, compared a block at a time: the sorted scores themselves are never held
+    # (4 bytes a score, next to the 8 of `order`).
+    new_group = np.empty(n, dtype=bool)
     new_group[:1] = True
-    np.not_equal(s[1:], s[:-1], out=new_group[1:])
+    for a in range(1, n, _BLOCK):
+        b = min(a + _BLOCK, n)
+        np.not_equal(scores[order[a:b]], scores[order[a - 1:b - 1]], out=new_group[a:b])
     starts = np.flatnonzero(new_group).astype(np.int64, copy=False)
-    return order, starts, s[starts]
+    return order, starts, scores[order[starts]]
 
 
 def _binary_curve(
@@ -455,9 +460,6 @@ def pixel_roc_points(
     return _roc_from_counts(*curve, max_points)
 
 
-_PRO_BLOCK = 1 << 22  # sorted pixels per block of the PRO curve's running sums
-
-
 def _pro_curve(
     m: np.ndarray, g: np.ndarray, groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     fpr_limit: float | None = None,
@@ -468,7 +470,7 @@ def _pro_curve(
 
     Regions are the 8-connected components of each mask. Every selected pixel outside a region is a normal pixel
     (including pixels of anomalous images whose mask is empty). None when there is no region or no normal pixel.
-    The running sums go over the sorted pixels in blocks of _PRO_BLOCK, each block's first term carrying the sum so
+    The running sums go over the sorted pixels in blocks of _BLOCK, each block's first term carrying the sum so
     far, so they are the same additions in the same order as one cumulative sum over all pixels, without its
     per-pixel arrays (8 bytes a pixel each: 343 MB for 582 maps of 288×256 px).
     """
@@ -491,8 +493,8 @@ def _pro_curve(
     fpr_parts, pro_parts = [np.zeros(1)], [np.zeros(1)]
     done = 0  # groups whose point is made
     fp_sum, pro_sum = 0, 0.0
-    for a in range(0, n, _PRO_BLOCK):
-        b = min(a + _PRO_BLOCK, n)
+    for a in range(0, n, _BLOCK):
+        b = min(a + _BLOCK, n)
         r = regions[order[a:b]]
         fp_run = np.cumsum(r == 0)
         fp_run += fp_sum

@@ -87,7 +87,7 @@ def test_pro_curve_in_blocks_is_the_same_curve(monkeypatch, block: int) -> None:
     maps += masks * 8
     m, g = metrics._check_pixels(maps, masks, None)
     fpr, pro = metrics._pro_curve(m, g)
-    monkeypatch.setattr(metrics, "_PRO_BLOCK", block)
+    monkeypatch.setattr(metrics, "_BLOCK", block)
     fpr_b, pro_b = metrics._pro_curve(m, g)
     assert np.array_equal(fpr, fpr_b) and np.array_equal(pro, pro_b)
     cut_f, cut_p = metrics._pro_curve(m, g, fpr_limit=0.3)
