@@ -17,6 +17,7 @@ trapezoid area, which equals the Mann-Whitney statistic with ties counted as one
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -105,14 +106,38 @@ def _binary_curve(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cumulative (tp (G,), fp (G,), thresholds (G,)) when flagging ``score >= threshold`` for each distinct score.
 
-    groups: the result of ``_sort_groups(scores)`` when already computed.
+    groups: the result of ``_sort_groups(scores)`` when already computed. Counts are exact integers: tp is the running
+    count of positives at each group's last score (a block of sorted scores at a time, see `_group_ends`), fp the
+    scores up to there minus tp.
     """
     order, starts, thresholds = _sort_groups(scores) if groups is None else groups
-    pos = np.add.reduceat(labels[order], starts, dtype=np.int64)
-    size = np.diff(np.append(starts, scores.shape[0]))
-    tp = np.cumsum(pos)
-    fp = np.cumsum(size - pos)
+    n = scores.shape[0]
+    tp = np.empty(starts.shape[0], dtype=np.int64)
+    carry = 0
+    for a, b, first, ends in _group_ends(starts, n):
+        run = np.cumsum(labels[order[a:b]], dtype=np.int64)
+        run += carry
+        carry = int(run[-1])
+        tp[first:first + ends.shape[0]] = run[ends]
+    fp = np.empty_like(tp)
+    np.subtract(starts[1:], tp[:-1], out=fp[:-1])  # group g's last score is the starts[g + 1]-th
+    fp[-1:] = n - tp[-1:]
     return tp, fp, thresholds
+
+
+def _group_ends(starts: np.ndarray, n: int) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """Blocks [a, b) of _BLOCK sorted scores with the groups that end in them: (a, b, first group, their last
+    positions − a). Group g of `_sort_groups` ends at starts[g + 1] − 1 (the last group at n − 1)."""
+    done = 0
+    for a in range(0, n, _BLOCK):
+        b = min(a + _BLOCK, n)
+        last = int(np.searchsorted(starts, b, side="right"))  # groups done..last-2 end in this block
+        ends = starts[done + 1:last] - 1
+        if b == n:
+            ends = np.append(ends, n - 1)  # the last group ends with the last score
+        ends -= a
+        yield a, b, done, ends
+        done += ends.shape[0]
 
 
 def _curve_metrics(tp: np.ndarray, fp: np.ndarray) -> dict[str, np.ndarray]:
@@ -491,10 +516,8 @@ def _pro_curve(
     n = order.shape[0]
     # the curve's points: (0, 0), then the sums at the last pixel of each group (group g ends at starts[g + 1] - 1)
     fpr_parts, pro_parts = [np.zeros(1)], [np.zeros(1)]
-    done = 0  # groups whose point is made
     fp_sum, pro_sum = 0, 0.0
-    for a in range(0, n, _BLOCK):
-        b = min(a + _BLOCK, n)
+    for a, b, _, ends in _group_ends(starts, n):
         r = regions[order[a:b]]
         fp_run = np.cumsum(r == 0)
         fp_run += fp_sum
@@ -502,12 +525,6 @@ def _pro_curve(
         w[0] += pro_sum
         pro_run = np.cumsum(w)
         fp_sum, pro_sum = int(fp_run[-1]), float(pro_run[-1])
-        last = int(np.searchsorted(starts, b, side="right"))  # groups done..last-2 end in this block
-        ends = starts[done + 1:last] - 1
-        if b == n:
-            ends = np.append(ends, n - 1)  # the last group ends with the last pixel
-        ends -= a
-        done += ends.shape[0]
         fpr_part = fp_run[ends] / n_normal
         pro_part = np.minimum(pro_run[ends], 1.0)
         if fpr_limit is not None and fpr_part.shape[0] and fpr_part[-1] >= fpr_limit:
