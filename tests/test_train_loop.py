@@ -70,6 +70,10 @@ def test_fast_and_quality_presets_bound_every_epoch_trained_method() -> None:
         fast = info.presets["fast"]
         if "steps_per_epoch" in fast:
             continue
+        if "steps_per_episode" in fast:  # episodes of a fixed length (the neural batch sampler): bounded too
+            q = registry.create(info.name, preset="quality").get_params()
+            assert fast["episodes"] * fast["steps_per_episode"] <= q["episodes"] * q["steps_per_episode"], info.name
+            continue
         assert fast.get("max_steps"), f"{info.name}: fast preset has no max_steps"
         # quality may be the paper's uncapped schedule (max_steps None); a cap must not be below fast's
         q_steps = registry.create(info.name, preset="quality").get_params().get("max_steps")
