@@ -136,17 +136,26 @@ def _run(args: argparse.Namespace) -> int:
                 last[method] = stage
                 print(f"[{method}] {label}" + (f": {info['error']}" if "error" in info else ""), file=sys.stderr)
             return
-        for other in [m for m in bars if m != method]:
-            bars.pop(other).close()
         bar = bars.get(method)
-        if bar is None:
-            bar = bars[method] = tqdm(total=100, desc=f"{method:<20}", file=sys.stderr,
+        if bar is None:  # one bar per method running (several with --jobs), closed when it ends
+            bar = bars[method] = tqdm(total=100, desc=f"{method:<20}", file=sys.stderr, position=len(bars),
                                       bar_format="{desc} {percentage:3.0f}%|{bar:20}| {postfix}")
         bar.n = 100 if stage in ("done", "failed") else int(100 * (fraction or 0.0))
         bar.set_postfix_str(label, refresh=True)
+        if stage in ("done", "failed"):
+            bars.pop(method).close()
 
+    jobs = getattr(args, "jobs", 1)
+    if jobs > 1 and save_models is not None:
+        print("error: --save-models runs the methods one at a time: leave out --jobs", file=sys.stderr)
+        return 2
     try:
-        results = run_methods(args.data, cfg, progress=progress, save_models=save_models)
+        if jobs > 1:
+            from engine.parallel import run_parallel
+
+            results = run_parallel(args.data, cfg, jobs, progress=progress)
+        else:
+            results = run_methods(args.data, cfg, progress=progress, save_models=save_models)
     except AdlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -195,6 +204,17 @@ def _k_arg(text: str) -> int | list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected K ≥ 0 or a comma list like 0,1,3,10") from None
     return ks[0] if len(ks) == 1 and "," not in text and "-" not in text else ks
+
+
+def _positive_int(text: str) -> int:
+    """A whole number ≥ 1 (argparse type)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number ≥ 1")
+    return n
 
 
 def _int_list(text: str) -> list[int]:
@@ -345,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE", help="override a method parameter")
     p.add_argument("--no-cache", action="store_true", help="recompute everything, write nothing to the cache")
     p.add_argument("--out", default="adlab-results")
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="methods run at once, each group in its own worker process with CPUs/N threads "
+                        "(default 1: one after another in this process)")
     p.add_argument("--save-models", metavar="DIR", default=None,
                    help="also write each fitted method to DIR (tensors + JSON), for `adlab predict`")
     p.set_defaults(fn=_run)

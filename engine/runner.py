@@ -316,6 +316,24 @@ def load_prediction(record: dict[str, Any], cache: Cache | None = None) -> Predi
     return Prediction(scores=t["scores"], maps=t["maps"].float() if "maps" in t else None)
 
 
+def check_run_config(cfg: RunConfig, *, saving: bool = False) -> None:
+    """Raise ConfigError for what makes `cfg` unable to run, before any data is read: no methods, an unknown
+    method or parameter, a bad geometry, weak methods without labelled anomalies, saving models of several K."""
+    if not cfg.methods:
+        raise ConfigError("no methods selected")
+    infos = {name: registry.info(name) for name in cfg.methods}
+    check_geometry(cfg)
+    for name in cfg.methods:
+        method_params(name, cfg)  # a misspelt or mistyped parameter is a ConfigError now, not a failed fit later
+    ks = cfg.ks
+    weak = [n for n, mi in infos.items() if mi.supervision == "weak"]
+    if weak and max(ks) <= 0:
+        raise ConfigError(needs_labels_message(weak))
+    if len(ks) > 1 and saving:
+        raise ConfigError(f"saving models takes one K at a time (asked for K = {', '.join(map(str, ks))}): "
+                          "run again with the one K whose models you want")
+
+
 def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProgress = _noop,
                 cancel: threading.Event | None = None, on_result: Callable[[dict[str, Any]], None] | None = None,
                 cache: Cache | None = None, save_models: str | Path | None = None) -> dict[str, Any]:
@@ -327,19 +345,9 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     cannot be written there fails with that message.
     """
     cache = cache or (default_cache() if cfg.use_cache else Cache(enabled=False))
-    if not cfg.methods:
-        raise ConfigError("no methods selected")
+    check_run_config(cfg, saving=save_models is not None)
     infos = {name: registry.info(name) for name in cfg.methods}
-    check_geometry(cfg)
-    for name in cfg.methods:
-        method_params(name, cfg)  # a misspelt or mistyped parameter is a ConfigError now, not a failed fit later
     ks = cfg.ks
-    weak = [n for n, mi in infos.items() if mi.supervision == "weak"]
-    if weak and max(ks) <= 0:
-        raise ConfigError(needs_labels_message(weak))
-    if len(ks) > 1 and save_models is not None:
-        raise ConfigError(f"saving models takes one K at a time (asked for K = {', '.join(map(str, ks))}): "
-                          "run again with the one K whose models you want")
     device = resolve_device(cfg.device)
     ds = data if isinstance(data, Dataset) else discover(data)
     asked = ks
@@ -441,6 +449,14 @@ def _empty_record(name: str, mi: registry.MethodInfo, cfg: RunConfig, unit: _Uni
             "images": [], "faithful": mi.faithful, "localises": mi.localises, "cached": False,
             "preset": cfg.preset, "reduced": registry.is_reduced(name, cfg.preset),
             "label": unit.label, "labeled_k": unit.k}
+
+
+def failed_record(name: str, cfg: RunConfig, label: str, k: int | None, error: str) -> dict[str, Any]:
+    """The record of a run that could not produce results (status "failed", `error` for the user)."""
+    rec = _empty_record(name, registry.info(name), cfg, _Unit(name=name, label=label, k=k, labeled_rows=[],
+                                                               held_rows=[]))
+    rec["error"] = error
+    return rec
 
 
 def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds: Dataset, train: ImageSet,

@@ -78,13 +78,13 @@ def died_message(returncode: int) -> str:
 def run_in_worker(data: str | Path, cfg: Any, *, progress: Callable[[str, str, float | None, dict[str, Any]], None]
                   | None = None, cancel: threading.Event | None = None,
                   on_result: Callable[[dict[str, Any]], None] | None = None, stats: WorkerStats | None = None,
-                  grace_s: float | None = None, label: str = "") -> dict[str, Any]:
+                  grace_s: float | None = None, label: str = "", threads: int | None = None) -> dict[str, Any]:
     """Run `run_methods(data, cfg)` in a new worker process and return its results dict (DESIGN §7).
 
     `progress` and `on_result` are called in this thread, as the worker reports. Raises `Cancelled` when `cancel`
     was set (the worker is killed if it has not stopped `grace_s` seconds later, default `CANCEL_GRACE_S`),
     `WorkerError` for an error the job reported, `WorkerDied` when the worker ended without an outcome (killed,
-    crashed).
+    crashed). `threads`: the worker's grant of intra-op threads (ADLAB_THREADS); None lets it plan them itself.
     """
     from engine.runner import Cancelled
 
@@ -94,9 +94,9 @@ def run_in_worker(data: str | Path, cfg: Any, *, progress: Callable[[str, str, f
     from engine.threads import worker_env
 
     # The passive OpenMP wait policy is set before the worker imports torch; threads per method are then
-    # planned by the runner (engine.threads.job) from the CPUs the worker really has.
-    env = worker_env(base={**os.environ,
-                           "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))})
+    # planned by the runner (engine.threads.job) from the CPUs the worker really has, or the grant.
+    path = os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))
+    env = worker_env(threads, base={**os.environ, "PYTHONPATH": path})
     cmd = [sys.executable, "-m", "engine.worker", *(["--job", label] if label else [])]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=_ROOT)
     stats.pid = proc.pid

@@ -1,0 +1,146 @@
+"""Several methods of one run at once: the methods are split into groups, each group runs in its own worker
+process (`engine.worker`), and the records come back as one results dict, the same as `run_methods` returns.
+
+Why: the from-scratch methods train small networks, which use several cores poorly (a step's operations are
+small, and the Python between them runs on one core), so on a machine with more than one core two methods at
+one thread each finish sooner than the same two one after the other at two threads each. Each worker is granted
+an equal share of the CPUs (`ADLAB_THREADS`); the features of the shared backbone pass are computed once and read
+by the other workers from the disk cache (the cache's inter-process lock); a method that fails, or a worker that
+dies, fails only the methods of its own group.
+
+The groups are balanced with the time estimates of earlier runs on this machine (`engine.estimates`), longest
+first; a method never measured here counts as a typical trained method (or a typical backbone-only one).
+Results differ from a one-process run only where the thread count changes them (a trained method's float sums
+run in another order at 1 thread than at 2; `ADLAB_THREADS` fixes the count either way).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from engine.api import AdlabError
+
+RunProgress = Callable[[str, str, float | None, dict[str, Any]], None]
+
+# Seconds a method never measured here is taken to cost when the groups are balanced: only the ratio matters.
+PRIOR_TRAINED_S = 20.0
+PRIOR_OTHER_S = 2.0
+
+
+def balance(costs: Sequence[tuple[str, float]], groups: int) -> list[list[str]]:
+    """Split (name, seconds) into at most `groups` non-empty groups of near-equal total seconds.
+
+    Longest first, each to the group with the least total so far (ties: the lower group); each group keeps the
+    given order of its names. Returns [[name, ...], ...] in group order.
+    """
+    if groups < 1:
+        raise ValueError(f"groups must be ≥ 1, got {groups}")
+    order = {name: i for i, (name, _) in enumerate(costs)}
+    bins: list[list[str]] = [[] for _ in range(min(groups, len(costs)))]
+    totals = [0.0] * len(bins)
+    for name, secs in sorted(costs, key=lambda c: (-c[1], order[c[0]])):
+        g = min(range(len(bins)), key=lambda i: (totals[i], i))
+        bins[g].append(name)
+        totals[g] += max(0.0, secs)
+    return [sorted(b, key=order.__getitem__) for b in bins if b]
+
+
+def method_costs(cfg: Any, n_train: int, n_test: int, shape: tuple[int, int], device: str) -> list[tuple[str, float]]:
+    """(method, estimated seconds) for every method of `cfg`, from this machine's earlier runs when there are
+    some (`engine.estimates`), else PRIOR_TRAINED_S / PRIOR_OTHER_S; weak methods are counted once per K."""
+    from engine import estimates, registry
+    from engine.runner import method_params
+
+    measured = estimates.load()
+    n_k = len(cfg.ks) if cfg.only_k is None else 1
+    out = []
+    for name in cfg.methods:
+        mi = registry.info(name)
+        est = estimates.estimate_method(name, method_params(name, cfg), trained=mi.trained, n_train=n_train,
+                                        n_test=n_test, image_size=min(shape), preset=cfg.preset, device=device,
+                                        measurements=measured, shape=shape, tile=cfg.tile,
+                                        overlap=cfg.tile_overlap)
+        secs = est.seconds if est.seconds is not None else (PRIOR_TRAINED_S if mi.trained else PRIOR_OTHER_S)
+        out.append((name, secs * (n_k if mi.supervision == "weak" else 1)))
+    return out
+
+
+def run_parallel(data: str | Path, cfg: Any, jobs: int, *, progress: RunProgress | None = None,
+                 cancel: threading.Event | None = None,
+                 on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """`run_methods(data, cfg)` with up to `jobs` methods running at once, each group in a worker process.
+
+    `progress` and `on_result` are called from the threads that follow the workers, one call at a time.
+    Configuration and data errors are raised before any worker starts (as `run_methods` raises them); a worker
+    that fails or dies turns the methods of its group that had not finished into failed records. Raises
+    `Cancelled` when `cancel` was set.
+    """
+    from engine.data import discover
+    from engine.device import resolve_device
+    from engine.runner import Cancelled, check_run_config, run_plan
+    from engine.threads import available_cpus
+    from engine.worker import WorkerStats, run_in_worker
+
+    if jobs < 1:
+        raise ValueError(f"jobs must be ≥ 1, got {jobs}")
+    check_run_config(cfg)
+    ds = discover(data)  # a bad dataset is reported here, once, not by every worker
+    shape = ds.working_shape(cfg.image_size, cfg.resize, cfg.tile)
+    groups = balance(method_costs(cfg, len(ds.train), len(ds.test), shape, resolve_device(cfg.device)), jobs)
+    threads = max(1, available_cpus() // len(groups))
+    lock = threading.Lock()
+    records: dict[str, dict[str, Any]] = {}
+    headers: list[dict[str, Any]] = []
+    failures: list[tuple[list[str], BaseException]] = []
+
+    def report(rec: dict[str, Any]) -> None:
+        with lock:
+            records[rec.get("label") or rec["method"]] = rec
+            if on_result is not None:
+                on_result(rec)
+
+    def prog(method: str, stage: str, fraction: float | None, info: dict[str, Any]) -> None:
+        if progress is not None:
+            with lock:
+                progress(method, stage, fraction, info)
+
+    def follow(group: list[str]) -> None:
+        try:
+            res = run_in_worker(data, replace(cfg, methods=group), progress=prog, cancel=cancel, on_result=report,
+                                stats=WorkerStats(), label=",".join(group), threads=threads)
+            with lock:
+                headers.append({k: v for k, v in res.items() if k != "runs"})
+        except BaseException as e:  # noqa: BLE001 - recorded for the group, re-raised below when it is a cancel
+            with lock:
+                failures.append((group, e))
+
+    followers = [threading.Thread(target=follow, args=(g,), name=f"adlab-group-{i}", daemon=True)
+                 for i, g in enumerate(groups)]
+    for t in followers:
+        t.start()
+    for t in followers:
+        t.join()
+    if any(isinstance(e, Cancelled) for _, e in failures):
+        raise Cancelled("run cancelled")
+    if not headers:  # no worker finished: the same error for all, or the first one
+        raise failures[0][1]
+    results = {**headers[0], "runs": []}
+    why = {m: e for g, e in failures for m in g}
+    from engine.runner import failed_record, run_label
+
+    several = len(cfg.ks) > 1
+    for name, k in run_plan(cfg):
+        label = run_label(name, k, several)
+        rec = records.get(label)
+        if rec is None:
+            err = why.get(name)
+            msg = str(err) if isinstance(err, AdlabError) else f"{type(err).__name__}: {err}"
+            rec = failed_record(name, cfg, label, k, f"the worker running it stopped: {msg}")
+            if on_result is not None:
+                on_result(rec)
+        results["runs"].append(rec)
+    return results
