@@ -93,3 +93,18 @@ def test_the_loop_uses_the_optimiser_a_method_asks_for() -> None:
     assert isinstance(_optimizer(Objective([p], lambda i: p.sum()), TrainConfig()), torch.optim.AdamW)
     with pytest.raises(ValueError, match="use 'adamw' or 'sgd'"):
         _optimizer(Objective([p], lambda i: p.sum()), TrainConfig(optimizer="adam"))
+
+
+def test_evaluating_switches_to_eval_without_gradients_and_restores_the_mode() -> None:
+    from engine.components.nets import evaluating
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    net.train()
+    with evaluating(net) as m:
+        assert m is net and not net.training and not torch.is_grad_enabled()
+        assert not net(torch.ones(1, 2)).requires_grad
+    assert net.training and torch.is_grad_enabled()
+    net.eval()
+    with pytest.raises(RuntimeError), evaluating(net):
+        raise RuntimeError("boom")
+    assert not net.training and torch.is_grad_enabled()

@@ -14,11 +14,25 @@ Up blocks: nearest upsample x2 -> Conv 3x3 -> BatchNorm -> LeakyReLU(0.2) (+ `ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode (BatchNorm's running statistics, no dropout) and without gradients for the block;
+    its mode (training or not) is restored afterwards, also when the block raises."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
 
 
 def _act() -> nn.Module:

@@ -40,7 +40,7 @@ from torch import nn
 
 from engine.api import ConfigError, ImageSet, Prediction, Progress
 from engine.components.anomaly_map import to_pixel_map
-from engine.components.nets import ConvDecoder, ConvEncoder
+from engine.components.nets import ConvDecoder, ConvEncoder, evaluating
 from engine.components.train_loop import Objective, TrainConfig, train_loop
 from engine.components.weak_training import augmented_anomalies, seeded_module, virtual_pool
 from engine.methods.base import BaseDetector, load_module_state, module_state
@@ -270,24 +270,19 @@ class NeuralBatchSampler(BaseDetector):
     def _losses(ae: nn.Module, patches: torch.Tensor, device: str, chunk: int = 2048) -> torch.Tensor:
         """Per-patch mean squared reconstruction error (P,), in eval mode (BatchNorm's running statistics, as the
         saved weights are used later) and without gradients; the module's mode is restored."""
-        was_training = ae.training
-        ae.eval()
         out = []
-        with torch.no_grad():
+        with evaluating(ae):
             for i in range(0, patches.shape[0], chunk):
                 x = patches[i:i + chunk].to(device)
                 out.append((ae(x).float() - x).pow(2).flatten(1).mean(1).cpu())
-        ae.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)
 
     def _pixel_log_losses(self, ae: nn.Module, images: torch.Tensor, device: str, chunk: int = 64) -> torch.Tensor:
         """(N, 3, H, W) -> (N, H, W) log reconstruction loss of the region around every pixel: the squared error
         averaged over channels and a `region`×`region` window, in eval mode and without gradients (the module's
         mode is restored)."""
-        was_training = ae.training
-        ae.eval()
         out = []
-        with torch.no_grad():
+        with evaluating(ae):
             for i in range(0, images.shape[0], chunk):
                 x = images[i:i + chunk].to(device)
                 # The autoencoder sees patches as in training (on whole images, pixels far from a patch border
@@ -295,7 +290,6 @@ class NeuralBatchSampler(BaseDetector):
                 tiles, grid = to_patches(x, self.patch, self.patch)
                 err = from_patches((ae(tiles).float() - tiles).pow(2).mean(1, keepdim=True), x.shape[0], grid)
                 out.append(region_mean(err, self.region)[:, 0].clamp_min(1e-12).log().cpu())
-        ae.train(was_training)
         return torch.cat(out)
 
     # --- one episode -----------------------------------------------------------------------------------------
