@@ -17,7 +17,8 @@ Non-square and tiled runs (issue 17) are counted in work units: a method that se
 costed as T x (n_train + n_test) images of t² pixels, and an H x W image as a square of the same pixel count.
 A method never measured here gets no time estimate (the page says so) and a deliberately generous memory prior,
 so a job is never refused on a guess that is too low. A job's memory is the largest of its methods' (they run one
-after another); its time is the sum, with the backbone pass counted once (the methods share its features).
+after another); its time is the sum, with the backbone pass counted once (the methods share its features). A job
+whose methods run N at once (`engine.parallel`) needs the N largest peaks together and takes its longest group.
 """
 
 from __future__ import annotations
@@ -273,18 +274,27 @@ def _memory_line(ms: list[dict[str, Any]]) -> tuple[float, float]:
 
 def estimate_job(methods: list[tuple[str, dict[str, Any], bool]], *, n_train: int, n_test: int, image_size: int,
                  preset: str, device: str, shape: tuple[int, int] | None = None, tile: int | None = None,
-                 overlap: float = DEFAULT_OVERLAP) -> JobEstimate:
+                 overlap: float = DEFAULT_OVERLAP, workers: int = 1) -> JobEstimate:
     """Estimate a run of `methods` given as (name, full parameters, trained by gradient); `shape` (H, W) and
-    `tile` for a non-square or tiled run."""
+    `tile` for a non-square or tiled run. `workers` > 1: the methods run that many at once in worker processes
+    (`engine.parallel`): the time is the longest group's, the memory the `workers` largest peaks together."""
     stored = load()
     ests = [estimate_method(name, params, trained=trained, n_train=n_train, n_test=n_test, image_size=image_size,
                             preset=preset, device=device, measurements=stored, shape=shape, tile=tile,
                             overlap=overlap) for name, params, trained in methods]
     timed = [e for e in ests if e.seconds is not None]
     # The methods share one backbone pass: count its time once (the largest), not once per method.
-    seconds = (sum(e.seconds - e.backbone_s for e in timed if e.seconds is not None)
-               + max((e.backbone_s for e in timed), default=0.0)) if timed else None
-    return JobEstimate(methods=ests, seconds=seconds, peak_mb=max((e.peak_mb for e in ests), default=0.0),
+    own = [(str(i), e.seconds - e.backbone_s) for i, e in enumerate(timed) if e.seconds is not None]
+    if workers > 1 and own:
+        from engine.parallel import balance
+
+        cost = dict(own)
+        longest = max(sum(cost[i] for i in g) for g in balance(own, workers))
+    else:
+        longest = sum(secs for _, secs in own)
+    seconds = longest + max((e.backbone_s for e in timed), default=0.0) if timed else None
+    peaks = sorted((e.peak_mb for e in ests), reverse=True)
+    return JobEstimate(methods=ests, seconds=seconds, peak_mb=sum(peaks[:max(1, workers)]),
                        limit_mb=job_memory_limit_mb(), n_images=n_train + n_test, image_size=image_size,
                        shape=shape, tiles=1 if shape is None else work_units(shape, tile, overlap)[0],
                        tile_side=0 if shape is None else int(work_units(shape, tile, overlap)[1]))

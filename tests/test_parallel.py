@@ -8,6 +8,7 @@ cancelled is checked with a stand-in for `run_in_worker`.
 from __future__ import annotations
 
 import itertools
+import time
 import random
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,40 @@ def test_cli_jobs_argument(tiny: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "whole number ≥ 1" in capsys.readouterr().err
     assert cli_main(["run", str(tiny), "--methods", "padim", "--jobs", "2", "--save-models", "/tmp/x"]) == 2
     assert "--save-models" in capsys.readouterr().err
+
+
+def test_a_dashboard_job_trains_its_methods_two_at_once(tiny: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dashboard import services
+
+    monkeypatch.setenv("ADLAB_CACHE", str(tmp_path / "cache"))
+    jm = services.JobManager(isolation="process", workers=2)
+    cfg = RunConfig(methods=["padim", "spade", "patchcore"], image_size=64)
+    assert jm.job_workers(cfg) == 2 and jm.job_workers(RunConfig(methods=["padim"])) == 1
+    assert services.JobManager(isolation="thread", workers=2).job_workers(cfg) == 1
+    job = jm.submit("s1", str(tiny), cfg)
+    t0 = time.time()
+    while job.active:
+        assert time.time() - t0 < 300, "timed out"
+        time.sleep(0.1)
+    assert job.state == "done", job.error
+    assert sorted(r["method"] for r in job.records) == sorted(cfg.methods)
+    assert all(r["status"] == "ok" for r in job.records)
+    assert all(p.stage == "done" for p in job.progress.values())
+    stored = services.latest_results(job.digest)
+    assert sorted(r["method"] for r in stored["runs"]) == sorted(cfg.methods)  # stored as they finished
+
+
+def test_estimate_of_methods_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import estimates
+
+    monkeypatch.setenv("ADLAB_CACHE", str(tmp_path / "cache"))
+    for m, fit, peak in (("a", 40.0, 900.0), ("b", 30.0, 700.0), ("c", 20.0, 800.0)):
+        estimates.record({"method": m, "status": "ok", "cached": False, "params": {},
+                          "timing": {"fit_s": fit, "predict_s": 0.0, "shared_backbone_s": 0.0, "peak_mem_mb": peak}},
+                         n_train=10, n_test=10, image_size=64, preset="fast", device="cpu", base_mb=500.0)
+    job = [(m, {}, False) for m in "abc"]
+    one = estimates.estimate_job(job, n_train=10, n_test=10, image_size=64, preset="fast", device="cpu")
+    two = estimates.estimate_job(job, n_train=10, n_test=10, image_size=64, preset="fast", device="cpu", workers=2)
+    assert one.seconds == pytest.approx(90.0) and two.seconds == pytest.approx(50.0)  # {a}, {b, c}
+    assert two.peak_mb == pytest.approx(one.peak_mb + sorted(m.peak_mb for m in one.methods)[-2])

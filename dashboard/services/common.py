@@ -26,6 +26,9 @@ JOB_ISOLATION = os.environ.get("ADLAB_JOB_ISOLATION", "ray" if RAY_ADDRESS else 
 # Jobs running at once; the others wait in order. With Ray the cluster decides how many really run (a job waits
 # there for free CPUs), so the server hands over many.
 MAX_CONCURRENT_JOBS = int(os.environ.get("ADLAB_MAX_JOBS", "16" if JOB_ISOLATION == "ray" else "1"))
+# Methods of one job trained at once, each group in a worker process of its own with CPUs/N threads
+# (engine.parallel; process isolation only). 1: one after another in one worker.
+JOB_WORKERS = max(1, int(os.environ.get("ADLAB_JOB_WORKERS", "1")))
 BACKBONES = ["efficientnet_lite0", "resnet18", "wide_resnet50_2"]
 IMAGE_SIZES = [128, 160, 192, 224, 256, 320]
 TILE_SIZES = [128, 192, 256, 320, 384, 512]  # the Train page's "tile large images" sizes

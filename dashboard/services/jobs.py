@@ -12,6 +12,7 @@ from typing import Any
 
 from dashboard.services.common import (
     JOB_ISOLATION,
+    JOB_WORKERS,
     MAX_CONCURRENT_JOBS,
     RAY_ADDRESS,
     RAY_JOB_CPUS,
@@ -26,6 +27,7 @@ from engine.api import AdlabError, DataValidationError
 from engine.data import cache_root
 from engine.data.geometry import DEFAULT_RESIZE
 from engine.executors import run_on_ray
+from engine.parallel import run_parallel
 from engine.runner import Cancelled, RunConfig, resolve_ks, run_labels, run_methods
 from engine.worker import WorkerDied, WorkerStats, run_in_worker
 
@@ -91,8 +93,11 @@ class JobManager:
     thread, in this process (for tests that patch the engine in-process).
     """
 
-    def __init__(self, max_running: int = 1, isolation: str | None = None, ray_address: str | None = None):
+    def __init__(self, max_running: int = 1, isolation: str | None = None, ray_address: str | None = None,
+                 workers: int | None = None):
         self.max_running = max(1, max_running)
+        # methods of one job at once, each group in its own worker (engine.parallel); process isolation only
+        self.workers = max(1, JOB_WORKERS if workers is None else workers)
         self.isolation = isolation or JOB_ISOLATION
         if self.isolation not in ("process", "thread", "ray"):
             raise ValueError(f"job isolation {self.isolation!r}: use 'process', 'ray' or 'thread' "
@@ -114,7 +119,8 @@ class JobManager:
         except AdlabError as e:
             raise UserError(str(e)) from None
         # the memory limit is this machine's: a job handed to a Ray cluster runs where Ray finds room for it
-        refusal = estimate_run(dataset_path, config).refusal() if self.isolation != "ray" else None
+        refusal = (estimate_run(dataset_path, config, self.job_workers(config)).refusal()
+                   if self.isolation != "ray" else None)
         if refusal:
             raise UserError(refusal)
         with self._cond:
@@ -128,6 +134,10 @@ class JobManager:
             self._queue.append(job.id)
         threading.Thread(target=self._work, args=(job,), name=f"adlab-job-{job.id}", daemon=True).start()
         return job
+
+    def job_workers(self, config: RunConfig) -> int:
+        """Worker processes a job of `config` trains in: `workers` with process isolation, at most one per run."""
+        return min(self.workers, len(run_labels(config))) if self.isolation == "process" else 1
 
     def get(self, session: str) -> Job | None:
         """The latest job of a session."""
@@ -203,7 +213,10 @@ class JobManager:
                 log.warning("could not store results: %s", e)
 
         try:
-            if self.isolation == "process":
+            if self.isolation == "process" and self.job_workers(cfg) > 1:
+                results = run_parallel(job.dataset_path, cfg, self.job_workers(cfg), progress=progress,
+                                       cancel=job.cancel, on_result=on_result)
+            elif self.isolation == "process":
                 job.worker = WorkerStats()
                 results = run_in_worker(job.dataset_path, cfg, progress=progress, cancel=job.cancel,
                                         on_result=on_result, stats=job.worker, label=job.id)
@@ -256,11 +269,13 @@ def run_estimate(dataset_path: str, methods: list[str], *, image_size: int, back
                  labeled_anomalies: int, resize: str = DEFAULT_RESIZE, tile: int | None = None
                  ) -> tuple[str, str | None]:
     """(the estimate in words, the reason the run would be refused or None) for the Train page's selection."""
-    est = estimate_run(dataset_path, _page_config(methods, image_size, backbone, preset, labeled_anomalies,
-                                                  resize, tile))
+    cfg = _page_config(methods, image_size, backbone, preset, labeled_anomalies, resize, tile)
+    workers = job_manager().job_workers(cfg)
+    est = estimate_run(dataset_path, cfg, workers)
     shape = "" if est.shape is None or (est.tiles == 1 and est.shape[0] == est.shape[1]) else \
         f"Images at {est.size_text}. "
-    return shape + estimate_text(est), est.refusal()
+    at_once = f"{workers} methods at once (ADLAB_JOB_WORKERS). " if workers > 1 else ""
+    return shape + at_once + estimate_text(est), est.refusal()
 
 
 def job_view(job: Job) -> dict[str, Any]:

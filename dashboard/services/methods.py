@@ -71,8 +71,9 @@ def check_config(methods: list[str], labeled_anomalies: int | list[int]) -> str 
     return None
 
 
-def estimate_run(dataset_path: str, cfg: RunConfig) -> estimates.JobEstimate:
-    """Expected time and peak memory of running `cfg` on the dataset, from earlier runs on this machine."""
+def estimate_run(dataset_path: str, cfg: RunConfig, workers: int = 1) -> estimates.JobEstimate:
+    """Expected time and peak memory of running `cfg` on the dataset, from earlier runs on this machine;
+    `workers` > 1: its methods that many at once (engine.parallel)."""
     info = dataset_info(dataset_path)
     shape = working_shape(dataset_path, cfg.image_size, cfg.resize, cfg.tile)
     try:
@@ -81,7 +82,7 @@ def estimate_run(dataset_path: str, cfg: RunConfig) -> estimates.JobEstimate:
                    if k is None or k > 0]  # a weak method at K = 0 fails at once: nothing to estimate
         return estimates.estimate_job(methods, n_train=info.n_train, n_test=info.n_test, image_size=min(shape),
                                       preset=cfg.preset, device=resolve_device(cfg.device), shape=shape,
-                                      tile=cfg.tile, overlap=cfg.tile_overlap)
+                                      tile=cfg.tile, overlap=cfg.tile_overlap, workers=workers)
     except (AdlabError, ValueError) as e:
         raise UserError(str(e)) from None
 
