@@ -142,7 +142,7 @@ def draem_loss(rec: torch.Tensor, clean: torch.Tensor, logits: torch.Tensor, mas
           "rotations reflect at the border (the authors' imgaug fills black). fast (reduced): 128 px, base widths "
           "8/8 instead of 128/64, 100 steps at lr 2e-3, pool 11 — the paper's 700 epochs at full width take days "
           "on a CPU.",
-    presets={"test": {"size": 128, "rec_base": 4, "disc_base": 4, "epochs": 30, "max_steps": 30, "batch_size": 4,
+    presets={"test": {"size": 128, "rec_base": 4, "disc_base": 4, "epochs": 60, "max_steps": 60, "batch_size": 4,
                       "lr": 3e-3, "pool": 11},
              "fast": {"size": 128, "rec_base": 8, "disc_base": 8, "epochs": PAPER_EPOCHS, "max_steps": 100,
                       "lr": 2e-3, "pool": 11},
