@@ -112,3 +112,33 @@ def test_features_with_a_disk_copy_leave_memory_first_and_are_read_back(tmp_path
     feats.extract_features(images, layers, cache=Cache(tmp_path / "off", enabled=False))
     assert len(feats._memory.keys()) == 3, "features with no disk copy must stay in memory"
     feats.clear_memory_cache()
+
+
+@pytest.mark.parametrize(("d", "chunk"), [(152, 1000), (152, 7), (152, 1), (96, 250), (300, 1000)])
+def test_projection_of_chunks_is_the_projection_of_the_rows(d: int, chunk: int) -> None:
+    from engine.components.coreset import coreset_projection, coreset_projection_chunks
+
+    x = torch.randn(3001, d, generator=torch.Generator().manual_seed(d)) * torch.rand(d) * 5
+    z, first = coreset_projection(x, proj_dim=128, seed=4)
+    zc, first_c = coreset_projection_chunks((x[a:a + chunk] for a in range(0, 3001, chunk)), 3001, proj_dim=128,
+                                            seed=4)
+    assert first == first_c and torch.equal(z, zc)
+    with pytest.raises(ValueError, match="rows"):
+        coreset_projection_chunks(iter([x[:10]]), 11)
+    bad = x[:20].clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        coreset_projection_chunks(iter([bad]), 20)
+
+
+def test_patchcore_bank_is_the_greedy_coreset_of_all_patch_rows() -> None:
+    """The projection made a chunk of images at a time gives the bank of the stacked patch rows' coreset."""
+    from engine.components.coreset import greedy_coreset
+
+    train = _images(40, 5)
+    det = registry.create("patchcore", preset="test", coreset_ratio=0.05).fit(train)
+    rows, _ = feats.patch_rows(train, det.layers, patch_size=det.patch_size, pad=det.pad)
+    idx = greedy_coreset(rows, det.memory_bank_.shape[0], proj_dim=det.proj_dim, seed=det.seed)
+    assert torch.equal(det.memory_bank_, rows[idx])
+    every = registry.create("patchcore", preset="test", coreset_ratio=1.0).fit(train)
+    assert torch.equal(every.memory_bank_, rows)
