@@ -647,7 +647,8 @@ def aupro(maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None, 
     FPR is (normal pixels flagged) / (normal pixels) and the PRO the mean over all regions (8-connected components
     of each mask, across all images) of the flagged fraction of the region. Points are joined linearly (ties enter
     together), the curve is cut at ``fpr_limit`` by linear interpolation and integrated with the trapezoid rule.
-    No subsampling: time is one sort of all selected pixels, memory a few tens of bytes per pixel.
+    No subsampling: time is one sort of all selected pixels; memory the sorted scores (4 bytes a pixel for float32
+    maps) and a few arrays per defect pixel.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError("fpr_limit must be in (0, 1]")
