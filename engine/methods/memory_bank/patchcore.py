@@ -11,6 +11,7 @@ from engine.components.anomaly_map import to_pixel_map
 from engine.components.coreset import coreset_projection, coreset_projection_chunks, greedy_k_center
 from engine.components.features import extract_features, patch_feature_chunks, patch_rows
 from engine.components.knn import NearestNeighbours
+from engine.heap import trim
 from engine.methods.base import BaseDetector
 from engine.registry import register
 
@@ -69,6 +70,7 @@ class PatchCore(BaseDetector):
             chunks = (emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
                       for emb in patch_feature_chunks(train, self.layers, **self._feature_args()))
             z, first = coreset_projection_chunks(chunks, n_patches, proj_dim=self.proj_dim, seed=self.seed)
+            trim()  # the chunks' freed work space (135 MB kept by glibc on mt) goes back before the selection
             progress("coreset", 0.0, {**report, "candidates": n_patches})
             idx = greedy_k_center(z, n, first, progress=lambda f: progress("coreset", f, report))
             del z
