@@ -460,7 +460,8 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
     memory once this run is done with them (the training split's after fit, the test split's after predict).
 
     The test split's features are made after fit, not with the training split's, so the two splits' features
-    (and the fitted model beside both) are not held at once; the backbone seconds charged are the same."""
+    (and the fitted model beside both) are not held at once; the backbone seconds charged are the same. Weakly
+    supervised methods (whose labelled anomalies come from the test split) still get both before fit."""
     name = unit.name
     rec = _empty_record(name, mi, cfg, unit)
     if unit.k is not None:
@@ -501,8 +502,14 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
             det = registry.create(name, **params).to(device).set_tiling(cfg.tile, cfg.tile_overlap)
             shared_fit_s = shared_pred_s = 0.0
             layers = det.feature_layers()
+            # A weakly supervised fit reads its labelled anomalies' features, sliced from the test split's: those
+            # are made before fit, as they always were (a pass over the labelled images alone would batch them
+            # differently, and the features depend on the batch in their last bits).
+            test_first = bool(layers) and mi.supervision == "weak"
             if layers:
                 shared_fit_s = _warm_features(det, layers, "train", train, train, device, prog)
+            if test_first:
+                shared_pred_s = _warm_features(det, layers, "test", test_all, test, device, prog)
             with _PeakMemory() as mem_fit:
                 prog("fit", 0.0)
                 t0 = time.perf_counter()
@@ -510,6 +517,7 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
                 fit_s = time.perf_counter() - t0 + shared_fit_s
             if layers:
                 _forget_unread(det, layers, [train], later)
+            if layers and not test_first:
                 shared_pred_s = _warm_features(det, layers, "test", test_all, test, device, prog)
             with _PeakMemory() as mem_pred:
                 prog("predict", 0.0)
