@@ -39,7 +39,7 @@ __all__ = [
 _BOOT_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 _MAX_PIXELS = 20_000_000  # default pixel budget of pixel_auroc / evaluate
 _BOOT_CHUNK_CELLS = 2_000_000  # rows x images per vectorised bootstrap chunk (bounds memory)
-_BLOCK = 1 << 22  # sorted pixels per block in the shared sort's tie groups and the PRO curve's running sums
+_BLOCK = 1 << 20  # sorted scores per block in the tie groups and the curves' running sums (~40 bytes a score)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def _check_pixels(maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None)
             raise ValueError(f"valid has {v.shape[0]} entries for {m.shape[0]} maps")
         if not v.all():  # indexing copies the maps: only when some image is left out
             m, g = m[v], g[v]
-    if not np.all(np.isfinite(m)):
+    if not _all_finite(m):
         raise ValueError("maps contain NaN/inf")
     return m, g > 0
 
@@ -424,14 +424,59 @@ def confusion_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> di
 # pixel level
 
 
-def _pixel_curve(
-    m: np.ndarray, g: np.ndarray, max_pixels: int, groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Cumulative (tp, fp, thresholds) over selected pixels m (K,H,W), g (K,H,W) bool, stride-subsampled above
-    max_pixels. groups: ``_sort_groups(m.ravel())`` when already computed (only used without subsampling).
+def _all_finite(a: np.ndarray) -> bool:
+    """np.all(np.isfinite(a)) a block of _BLOCK values at a time (no bool array of a's size)."""
+    flat = a.reshape(-1)
+    return all(bool(np.isfinite(flat[i:i + _BLOCK]).all()) for i in range(0, flat.shape[0], _BLOCK))
 
-    None when the selected pixels hold only one class.
+
+class _SortedPixels:
+    """Selected pixel scores sorted once, for the pixel ROC and PRO curves, without any per-pixel index array.
+
+    asc: (n,) every selected score, ascending (a copy in the maps' dtype, 4 bytes a pixel for float32).
+    pos_asc: (n_pos,) the defect pixels' scores, ascending. For a threshold t (flagging ``score >= t``) the
+    positives flagged are ``n_pos − searchsorted(pos_asc, t, "left")`` and all pixels flagged
+    ``n − searchsorted(asc, t, "left")``; the negatives are the difference. The counts are exact integers, so every
+    curve built from them is the one the argsort of all pixels gave (an int64 order, 8 bytes a pixel, plus
+    per-group int64 arrays).
     """
+
+    def __init__(self, scores: np.ndarray, positive: np.ndarray):
+        """scores (n,), positive (n,) bool; either may be a strided view (the stride subsample)."""
+        self.asc = np.sort(scores)
+        self.pos_asc = np.sort(scores[positive])
+        self.n = int(self.asc.shape[0])
+        self.n_pos = int(self.pos_asc.shape[0])
+        self.n_neg = self.n - self.n_pos
+
+    def groups(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Blocks of (tp (B,) int64, fp (B,) int64, thresholds (B,)) at every distinct score, decreasing over all
+        blocks: tp / fp are the positives / negatives with ``score >= threshold`` (cumulative, as `_binary_curve`).
+
+        Each distinct score is reported in the block of _BLOCK sorted scores that holds its first (lowest) position
+        in `asc`; blocks go from the top of `asc` down.
+        """
+        asc, n = self.asc, self.n
+        for b in range(n, 0, -_BLOCK):
+            a = max(0, b - _BLOCK)
+            v = asc[a:b]
+            first = np.empty(b - a, dtype=bool)
+            first[0] = a == 0 or bool(asc[a] != asc[a - 1])
+            np.not_equal(v[1:], v[:-1], out=first[1:])
+            at = np.flatnonzero(first)[::-1]  # each group's first position in the block, thresholds decreasing
+            if at.shape[0] == 0:  # every score here belongs to a group that starts lower down
+                continue
+            thresholds = v[at]
+            tp = self.n_pos - np.searchsorted(self.pos_asc, thresholds, side="left").astype(np.int64)
+            fp = (n - a) - at.astype(np.int64) - tp
+            yield tp, fp, thresholds
+
+
+def _pixel_sort(
+    m: np.ndarray, g: np.ndarray, max_pixels: int
+) -> _SortedPixels | None:
+    """The sorted selected pixels m (K,H,W), g (K,H,W) bool, stride-subsampled above max_pixels
+    (``pixels[::ceil(n / max_pixels)]`` of the flattened order). None when they hold only one class."""
     flat_s = m.reshape(-1)
     flat_y = g.reshape(-1)
     if max_pixels < 1:
@@ -439,10 +484,50 @@ def _pixel_curve(
     if flat_s.size > max_pixels:
         step = -(-flat_s.size // max_pixels)
         flat_s, flat_y = flat_s[::step], flat_y[::step]
-        groups = None
     if flat_s.size == 0 or flat_y.all() or not flat_y.any():
         return None
-    return _binary_curve(flat_s, flat_y, groups)
+    return _SortedPixels(flat_s, flat_y)
+
+
+def _auroc_from_groups(sp: _SortedPixels) -> float | None:
+    """Trapezoid ROC area of the pixel curve: exact int64 sums block by block (the same integer as
+    `_curve_metrics`'s), normalised by the same float expression."""
+    twice_area = 0
+    last_tp = last_fp = 0
+    for tp, fp, _ in sp.groups():
+        tp0 = np.concatenate([[last_tp], tp])
+        fp0 = np.concatenate([[last_fp], fp])
+        twice_area += int((np.diff(fp0) * (tp0[1:] + tp0[:-1])).sum())
+        last_tp, last_fp = int(tp[-1]), int(fp[-1])
+    auroc = np.float64(twice_area) / (2.0 * np.float64(sp.n_pos) * np.float64(sp.n_neg))
+    return _none_if_nan(float(auroc))
+
+
+def _roc_from_groups(sp: _SortedPixels, max_points: int) -> dict:
+    """`_roc_from_counts` of the pixel curve, a block at a time: (0, 0) first, collinear points dropped (a point is
+    kept when the curve bends there, or it is the first or the last), then evenly down-sampled."""
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    carry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # the last two points: [decided, undecided]
+    for tp, fp, thr in sp.groups():
+        if carry is None:  # (0, 0) is reached by the next float above the highest score; it is always kept
+            start = np.nextafter(thr[:1], np.inf)
+            kept.append((np.zeros(1, np.int64), np.zeros(1, np.int64), start))
+            carry = (np.zeros(1, np.int64), np.zeros(1, np.int64), start)
+        ctp, cfp, cthr = (np.concatenate([c, x]) for c, x in zip(carry, (tp, fp, thr), strict=True))
+        if ctp.size > 2:  # points 1 .. size-2 have both neighbours now
+            bend = (np.diff(ctp, 2) != 0) | (np.diff(cfp, 2) != 0)
+            keep = np.flatnonzero(bend) + 1
+            kept.append((ctp[keep], cfp[keep], cthr[keep]))
+        carry = (ctp[-2:], cfp[-2:], cthr[-2:])
+    assert carry is not None
+    kept.append((carry[0][-1:], carry[1][-1:], carry[2][-1:]))  # the last point is always kept
+    tp_k, fp_k, thr_k = (np.concatenate(parts) for parts in zip(*kept, strict=True))
+    idx = _downsample_index(tp_k.size, max_points)
+    return {
+        "fpr": (fp_k[idx] / sp.n_neg).tolist(),
+        "tpr": (tp_k[idx] / sp.n_pos).tolist(),
+        "thresholds": thr_k[idx].astype(np.float64).tolist(),
+    }
 
 
 def pixel_auroc(
@@ -460,11 +545,8 @@ def pixel_auroc(
     Returns:
         The AUROC, or ``None`` when the selected pixels have no defect pixel or no normal pixel.
     """
-    curve = _pixel_curve(*_check_pixels(maps, masks, valid), max_pixels)
-    if curve is None:
-        return None
-    tp, fp, _ = curve
-    return _none_if_nan(_curve_metrics(tp[None], fp[None])["auroc"][0])
+    sp = _pixel_sort(*_check_pixels(maps, masks, valid), max_pixels)
+    return None if sp is None else _auroc_from_groups(sp)
 
 
 def pixel_roc_points(
@@ -479,54 +561,66 @@ def pixel_roc_points(
     Returns:
         ``{"fpr", "tpr", "thresholds"}`` as in :func:`roc_points`, or ``None`` when one pixel class is missing.
     """
-    curve = _pixel_curve(*_check_pixels(maps, masks, valid), max_pixels)
-    if curve is None:
-        return None
-    return _roc_from_counts(*curve, max_points)
+    sp = _pixel_sort(*_check_pixels(maps, masks, valid), max_pixels)
+    return None if sp is None else _roc_from_groups(sp, max_points)
+
+
+def _region_weights(g: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each defect pixel's PRO weight, 1 / (its region's size · number of regions), in the order of ``g``'s True
+    pixels (image, row, column), and the number of regions.
+
+    Regions are the 8-connected components of each image's mask, labelled one image at a time (a label array of
+    the whole set is 4 bytes a pixel).
+    """
+    eight = np.ones((3, 3), dtype=bool)
+    ids, sizes = [], []
+    offset = 0  # regions of the images before this one
+    for mask in g:
+        if not mask.any():
+            continue
+        lab, k = ndimage.label(mask, structure=eight)
+        own = lab[mask]  # 1..k in raster order
+        ids.append(own.astype(np.int64) + (offset - 1))
+        sizes.append(np.bincount(own, minlength=k + 1)[1:])
+        offset += k
+    if not sizes:
+        return np.zeros(0), 0
+    size = np.concatenate(sizes).astype(np.float64)
+    n_regions = int(size.shape[0])
+    weight = 1.0 / (size * n_regions)
+    return weight[np.concatenate(ids)], n_regions
 
 
 def _pro_curve(
-    m: np.ndarray, g: np.ndarray, groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-    fpr_limit: float | None = None,
+    m: np.ndarray, g: np.ndarray, sorted_pixels: _SortedPixels | None = None, fpr_limit: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """The exact PRO curve over selected pixels m (K,H,W), g (K,H,W) bool: (fpr (G+1,), pro (G+1,)) at (0, 0) and
-    then at every distinct map value, decreasing. groups: ``_sort_groups(m.ravel())`` when already computed.
-    fpr_limit: stop at the first point whose FPR reaches it (the points after it do not enter the area up to it).
+    then at every distinct map value, decreasing. sorted_pixels: ``_SortedPixels`` of all of m and g when already
+    made. fpr_limit: stop at the first point whose FPR reaches it (the points after it do not enter the area up to
+    it).
 
     Regions are the 8-connected components of each mask. Every selected pixel outside a region is a normal pixel
     (including pixels of anomalous images whose mask is empty). None when there is no region or no normal pixel.
-    The running sums go over the sorted pixels in blocks of _BLOCK, each block's first term carrying the sum so
-    far, so they are the same additions in the same order as one cumulative sum over all pixels, without its
-    per-pixel arrays (8 bytes a pixel each: 343 MB for 582 maps of 288×256 px).
+    At threshold t the FPR is (normal pixels ≥ t) / (normal pixels), counted from the sorted scores, and the PRO
+    the running sum of the defect pixels' weights (1 / (region size · regions)) over the defect pixels ≥ t,
+    summed in decreasing score order (normal pixels carry weight 0, so this is the sum over every pixel in that
+    order). Memory: the sorted scores (4 bytes a pixel) and a few arrays per defect pixel.
     """
-    # label all masks in one call; the structure links pixels only within a slice, so regions never span images
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = True
-    regions, n_regions = ndimage.label(g, structure=structure)
-    n_normal = int(g.size - np.count_nonzero(g))
+    weight, n_regions = _region_weights(g)
+    n_normal = int(g.size - weight.shape[0])
     if n_regions == 0 or n_normal == 0:
         return None
-    regions = regions.reshape(-1)
-    sizes = np.bincount(regions, minlength=n_regions + 1).astype(np.float64)
-    # each region pixel carries 1 / (its region's size * number of regions): the sum over flagged pixels is the mean
-    # overlap over regions; region 0 (normal pixels) gets weight 0 here
-    pixel_weight = np.zeros(n_regions + 1)
-    pixel_weight[1:] = 1.0 / (sizes[1:] * n_regions)
-    order, starts, _ = _sort_groups(m.reshape(-1)) if groups is None else groups
-    n = order.shape[0]
-    # the curve's points: (0, 0), then the sums at the last pixel of each group (group g ends at starts[g + 1] - 1)
+    pos = m[g]
+    down = np.argsort(pos, kind="stable")[::-1]
+    pro_run = np.cumsum(weight[down])  # after the k highest-scoring defect pixels
+    del down
+    sp = sorted_pixels if sorted_pixels is not None else _SortedPixels(m.reshape(-1), g.reshape(-1))
+    del pos
     fpr_parts, pro_parts = [np.zeros(1)], [np.zeros(1)]
-    fp_sum, pro_sum = 0, 0.0
-    for a, b, _, ends in _group_ends(starts, n):
-        r = regions[order[a:b]]
-        fp_run = np.cumsum(r == 0)
-        fp_run += fp_sum
-        w = pixel_weight[r]
-        w[0] += pro_sum
-        pro_run = np.cumsum(w)
-        fp_sum, pro_sum = int(fp_run[-1]), float(pro_run[-1])
-        fpr_part = fp_run[ends] / n_normal
-        pro_part = np.minimum(pro_run[ends], 1.0)
+    for tp, fp, _ in sp.groups():
+        fpr_part = fp / n_normal
+        pro_part = np.where(tp > 0, pro_run[np.maximum(tp - 1, 0)], 0.0)
+        np.minimum(pro_part, 1.0, out=pro_part)
         if fpr_limit is not None and fpr_part.shape[0] and fpr_part[-1] >= fpr_limit:
             # earlier points are all below the limit: keep up to the first point at or past it, the last one used
             stop = int(np.searchsorted(fpr_part, fpr_limit, side="left")) + 1
@@ -553,7 +647,8 @@ def aupro(maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None, 
     FPR is (normal pixels flagged) / (normal pixels) and the PRO the mean over all regions (8-connected components
     of each mask, across all images) of the flagged fraction of the region. Points are joined linearly (ties enter
     together), the curve is cut at ``fpr_limit`` by linear interpolation and integrated with the trapezoid rule.
-    No subsampling: time is one sort of all selected pixels, memory a few tens of bytes per pixel.
+    No subsampling: time is one sort of all selected pixels; memory the sorted scores (4 bytes a pixel for float32
+    maps) and a few arrays per defect pixel.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError("fpr_limit must be in (0, 1]")
@@ -600,7 +695,9 @@ def evaluate(
         "curves": {"roc", "pr", "pixel_roc"}}``. Pixel metrics and ``pixel_roc`` are ``None`` when there are no
         maps or masks, or no image with ground truth has a defect pixel; image metrics and curves are ``None`` when
         only one class is present. Pixel AUROC and its curve follow :func:`pixel_auroc` (stride subsample above 20M
-        pixels); AUPRO always uses every pixel. Below 20M pixels one sort serves both.
+        pixels); AUPRO always uses every pixel. Below 20M pixels one sort serves both. Memory: the sorted pixel
+        scores (4 bytes a pixel; no per-pixel index), the defect mask (1 byte a pixel), a few arrays per defect
+        pixel and blocks of _BLOCK pixels.
 
     Raises:
         ValueError: ``"scores contain NaN/inf"`` (or ``"maps contain NaN/inf"``), and on inconsistent shapes.
@@ -617,19 +714,19 @@ def evaluate(
     if m is not None:
         if m.ndim != 3 or m.shape[0] != s.shape[0]:
             raise ValueError(f"maps must be (N, H, W) with N = {s.shape[0]}, got {m.shape}")
-        if not np.all(np.isfinite(m)):
+        if not _all_finite(m):
             raise ValueError("maps contain NaN/inf")
     if m is not None and masks is not None:
         valid = np.ones(s.shape[0], dtype=bool) if has_mask is None else np.asarray(has_mask, dtype=bool)
         m_sel, g_sel = _check_pixels(m, masks, valid)
         if g_sel.any() and not g_sel.all():
-            groups = _sort_groups(m_sel.reshape(-1)) if m_sel.size <= _MAX_PIXELS else None  # one sort for both
-            curve = _pixel_curve(m_sel, g_sel, _MAX_PIXELS, groups)
-            if curve is not None:  # a stride subsample could in principle miss every defect pixel
-                tp, fp, thr = curve
-                out["pixel_auroc"] = _none_if_nan(_curve_metrics(tp[None], fp[None])["auroc"][0])
-                curves["pixel_roc"] = _roc_from_counts(tp, fp, thr, 512)
-            pro_curve = _pro_curve(m_sel, g_sel, groups, fpr_limit=0.3)
+            sp = _pixel_sort(m_sel, g_sel, _MAX_PIXELS)
+            if sp is not None:  # a stride subsample could in principle miss every defect pixel
+                out["pixel_auroc"] = _auroc_from_groups(sp)
+                curves["pixel_roc"] = _roc_from_groups(sp, 512)
+            if sp is not None and sp.n != m_sel.size:  # the subsample's sort is not the PRO curve's: free it first
+                sp = None
+            pro_curve = _pro_curve(m_sel, g_sel, sp, fpr_limit=0.3)
             out["pixel_aupro"] = None if pro_curve is None else _area_to_limit(*pro_curve, 0.3)
     out["curves"] = curves
     return out

@@ -24,12 +24,13 @@ from engine import estimates, registry, saved_models
 from engine.api import AdlabError, ConfigError, ImageSet, MethodFailure, Prediction
 from engine.backbones import weights_description
 from engine.cache import ENGINE_VERSION, Cache, default_cache, make_key
-from engine.components.features import backbone_seconds, extract_features, using_cache
+from engine.components.features import backbone_seconds, extract_features, forget, run_layers, using_cache
 from engine.data import Dataset, discover, load_split
 from engine.data.geometry import DEFAULT_OVERLAP, DEFAULT_RESIZE, check_resize, check_tile, work_units
 from engine.data.loader import Shape, as_shape
 from engine.data.shift import normal_shift
 from engine.device import resolve_device
+from engine.heap import trim
 from engine.metrics import evaluate
 from engine.threads import job as thread_job
 
@@ -377,6 +378,7 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     if k_note:
         warnings.append(k_note)
     shift = normal_shift(train, test)  # a shift between the normal sets would be scored as if it were defects
+    trim()  # the loader threads' and the check's freed buffers
     if shift:
         warnings.append(shift)
     results: dict[str, Any] = {
@@ -397,7 +399,8 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
         results["labeled_anomalies"]["ks"] = ks
     if asked != ks:  # addition: the K asked for, when the dataset could not give them all (resolve_ks)
         results["config"]["labeled_anomalies_asked"] = asked
-    for name, k in plan:
+    needs = [_feature_needs(name, cfg) for name, _ in plan]
+    for i, (name, k) in enumerate(plan):
         check_cancel()
         mi = infos[name]
         label = run_label(name, k, several)
@@ -410,9 +413,12 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
             rec["error"] = needs_labels_message([name])
             progress(label, "failed", None, {"error": rec["error"]})
         else:
-            with using_cache(cache), thread_job() as threads:
+            later = frozenset().union(*(n for n in needs[i + 1:]))  # (backbone, weights, layer) read later
+            run_wide = frozenset(layer for n in needs[i:] for _, _, layer in n)
+            with using_cache(cache), run_layers(run_wide), thread_job() as threads:
                 rec = _run_one(unit, mi, cfg, device, ds, train, test, test_all, anomalies, cache, progress,
-                               cancel, save=None if save_models is None else (Path(save_models), results))
+                               cancel, save=None if save_models is None else (Path(save_models), results),
+                               later=later)
             if rec["status"] == "ok":
                 rec["tiles_per_image"] = _tiles_used(name, cfg, shape)
             if rec["status"] == "ok" and not rec.get("cached"):
@@ -462,9 +468,16 @@ def failed_record(name: str, cfg: RunConfig, label: str, k: int | None, error: s
 def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, ds: Dataset, train: ImageSet,
              test: ImageSet, test_all: ImageSet, anomalies: ImageSet | None, cache: Cache,
              progress: RunProgress, cancel: threading.Event | None,
-             save: tuple[Path, dict[str, Any]] | None = None) -> dict[str, Any]:
+             save: tuple[Path, dict[str, Any]] | None = None,
+             later: frozenset[tuple[str, str, str]] = frozenset()) -> dict[str, Any]:
     """One run: from the cache when it holds the run (and its model, when one is to be kept), else fit,
-    predict and evaluate. save: (folder, results so far) to write the fitted model to (saved_models format)."""
+    predict and evaluate. save: (folder, results so far) to write the fitted model to (saved_models format).
+    later: the (backbone, weights, layer) features the runs after this one read; the others are dropped from
+    memory once this run is done with them (the training split's after fit, the test split's after predict).
+
+    The test split's features are made after fit, not with the training split's, so the two splits' features
+    (and the fitted model beside both) are not held at once; the backbone seconds charged are the same. Weakly
+    supervised methods (whose labelled anomalies come from the test split) still get both before fit."""
     name = unit.name
     rec = _empty_record(name, mi, cfg, unit)
     if unit.k is not None:
@@ -505,17 +518,31 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
             det = registry.create(name, **params).to(device).set_tiling(cfg.tile, cfg.tile_overlap)
             shared_fit_s = shared_pred_s = 0.0
             layers = det.feature_layers()
+            # A weakly supervised fit reads its labelled anomalies' features, sliced from the test split's: those
+            # are made before fit, as they always were (a pass over the labelled images alone would batch them
+            # differently, and the features depend on the batch in their last bits).
+            test_first = bool(layers) and mi.supervision == "weak"
             if layers:
-                shared_fit_s, shared_pred_s = _warm_features(det, layers, train, test, test_all, device, prog)
-            with _PeakMemory() as mem:
+                shared_fit_s = _warm_features(det, layers, "train", train, train, device, prog)
+            if test_first:
+                shared_pred_s = _warm_features(det, layers, "test", test_all, test, device, prog)
+            with _PeakMemory() as mem_fit:
                 prog("fit", 0.0)
                 t0 = time.perf_counter()
                 det.fit(train, anomalies=anomalies, progress=prog)
                 fit_s = time.perf_counter() - t0 + shared_fit_s
+            if layers:
+                _forget_unread(det, layers, [train], later)
+            if layers and not test_first:
+                shared_pred_s = _warm_features(det, layers, "test", test_all, test, device, prog)
+            with _PeakMemory() as mem_pred:
                 prog("predict", 0.0)
                 t0 = time.perf_counter()
                 pred = det.predict(test)
                 predict_s = time.perf_counter() - t0 + shared_pred_s
+            if layers:
+                _forget_unread(det, layers, [test_all, test], later)
+            peak_mb = max(mem_fit.peak_mb, mem_pred.peak_mb)
             scores = pred.scores.numpy()
             if not np.all(np.isfinite(scores)):
                 raise MethodFailure("non-finite scores")
@@ -529,6 +556,7 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
                 # first, so the run's peak is not model + metrics' sort buffers.
                 del det
                 gc.collect()
+            trim()
             prog("evaluate", 0.0)
             maps_np = pred.maps.numpy() if pred.maps is not None else None
             masks_np = test.masks.numpy() if test.masks is not None else None
@@ -539,7 +567,7 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
                 "status": "ok", "metrics": metrics, "curves": curves,
                 "timing": {"fit_s": round(fit_s, 3), "predict_s": round(predict_s, 3),
                            "images_per_s": round(len(test) / predict_s, 2) if predict_s > 0 else None,
-                           "peak_mem_mb": mem.peak_mb, "shared_backbone_s": round(shared_fit_s + shared_pred_s, 3)},
+                           "peak_mem_mb": peak_mb, "shared_backbone_s": round(shared_fit_s + shared_pred_s, 3)},
                 "images": [{"path": p, "label": int(y), "defect_type": d, "score": float(s)}
                            for p, y, d, s in zip(test.paths, test.labels.tolist(), test.defect_types, scores,
                                                  strict=True)],
@@ -601,24 +629,39 @@ def _save_model(save: tuple[Path, dict[str, Any]], rec: dict[str, Any], *, cache
         raise ConfigError(f"could not save the model to {out}: {e.strerror or e}") from None
 
 
-def _warm_features(det: Any, layers: tuple[str, ...], train: ImageSet, test: ImageSet, test_all: ImageSet,
-                   device: str, prog: Callable[..., None]) -> tuple[float, float]:
-    """Compute (or load) the shared backbone features; return the backbone seconds for (train, test).
+def _warm_features(det: Any, layers: tuple[str, ...], split: str, whole: ImageSet, part: ImageSet, device: str,
+                   prog: Callable[..., None]) -> float:
+    """Compute (or load) the shared backbone features of one split; return the backbone seconds for `part`.
 
     Every method that reads them is charged the backbone time of the pass that made them, as if it ran
     alone, so timings stay comparable whichever method happened to run first (or came from the cache).
+    The whole split is extracted (for the test split: not the subset left after labelled anomalies are taken
+    out, so runs with another K slice the same cached features instead of recomputing them). When the method
+    works on tiles, the features are the tiles' (the same tile sets, hence the same cache entries, fit and
+    predict use).
     """
-    secs = []
-    # The whole test split is extracted (not the subset left after labelled anomalies are taken out), so
-    # runs with another K slice the same cached features instead of recomputing them. When the method works on
-    # tiles, the features are the tiles' (the same tile sets, hence the same cache entries, fit and predict use).
-    for split, whole, part in (("train", train, train), ("test", test_all, test)):
-        images, used = det.working_images(whole), det.working_images(part)
-        extract_features(images, layers, backbone=det.backbone, weights=det.weights, device=device,
-                         progress=lambda s, f=None, i=None, sp=split: prog(f"features ({sp})", f, i or {}))
-        secs.append(backbone_seconds(images, layers, backbone=det.backbone, weights=det.weights)
-                    * len(used) / max(1, len(images)))
-    return secs[0], secs[1]
+    images, used = det.working_images(whole), det.working_images(part)
+    n_whole = max(1, len(images))
+    extract_features(images, layers, backbone=det.backbone, weights=det.weights, device=device,
+                     progress=lambda s, f=None, i=None: prog(f"features ({split})", f, i or {}))
+    secs = backbone_seconds(images, layers, backbone=det.backbone, weights=det.weights) * len(used) / n_whole
+    trim()  # the pass's batches are freed: give their pages back before the next stage
+    return secs
+
+
+def _feature_needs(name: str, cfg: RunConfig) -> frozenset[tuple[str, str, str]]:
+    """(backbone, weights, layer) of the shared features method `name` reads in this run (empty: none)."""
+    det = registry.create(name, **method_params(name, cfg))
+    return frozenset((det.backbone, det.weights, layer) for layer in det.feature_layers())
+
+
+def _forget_unread(det: Any, layers: tuple[str, ...], sets: list[ImageSet],
+                   later: frozenset[tuple[str, str, str]]) -> None:
+    """Drop the in-memory features of `sets` (as `det` sees them) that no later run reads, then trim the heap."""
+    unread = tuple(layer for layer in layers if (det.backbone, det.weights, layer) not in later)
+    for images in sets:
+        forget(det.working_images(images), unread, backbone=det.backbone, weights=det.weights)
+    trim()
 
 
 def _tiles_used(name: str, cfg: RunConfig, shape: tuple[int, int]) -> int:

@@ -4,6 +4,8 @@ measures the peaks)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,78 @@ def test_features_with_a_disk_copy_leave_memory_first_and_are_read_back(tmp_path
     feats.extract_features(images, layers, cache=Cache(tmp_path / "off", enabled=False))
     assert len(feats._memory.keys()) == 3, "features with no disk copy must stay in memory"
     feats.clear_memory_cache()
+
+
+def _recording_run(monkeypatch, methods: list[str], use_cache: bool) -> tuple[list[str], list[tuple[str, ...]], dict]:
+    """run_methods on the sample brick at 64 px (preset test): the progress stages in order, the layers of every
+    backbone pass, and the results."""
+    from engine.runner import RunConfig, run_methods
+
+    feats.clear_memory_cache()
+    passes: list[tuple[str, ...]] = []
+    real = feats.get_extractor
+    monkeypatch.setattr(feats, "get_extractor",
+                        lambda b, layers, *a: passes.append(tuple(layers)) or real(b, layers, *a))
+    stages: list[str] = []
+
+    def progress(method: str, stage: str, fraction: float | None, info: dict) -> None:
+        if not stages or stages[-1] != f"{method}:{stage}":
+            stages.append(f"{method}:{stage}")
+
+    cfg = RunConfig(methods=methods, image_size=64, preset="test", device="cpu", use_cache=use_cache)
+    res = run_methods(Path(__file__).resolve().parent.parent / "sample_data" / "brick", cfg, progress=progress)
+    return stages, passes, res
+
+
+def test_runner_makes_test_features_after_fit_and_drops_what_no_later_run_reads(monkeypatch) -> None:
+    stages, passes, res = _recording_run(monkeypatch, ["patchcore", "padim"], use_cache=False)
+    assert [r["status"] for r in res["runs"]] == ["ok", "ok"]
+    pc = [s.split(":", 1)[1] for s in stages if s.startswith("patchcore:")]
+    assert pc.index("features (train)") < pc.index("fit") < pc.index("features (test)") < pc.index("predict")
+    # the cache is off: PaDiM (run later) reads blocks.1, so PatchCore's pass makes it beside its own layers
+    assert passes and all("blocks.1" in p for p in passes)
+    assert feats._memory.keys() == [], "features nobody reads any more stayed in memory"
+
+    stages, passes, res = _recording_run(monkeypatch, ["patchcore"], use_cache=False)
+    assert res["runs"][0]["status"] == "ok"
+    assert passes and all("blocks.1" not in p for p in passes), "a stage no method of the run reads was computed"
+    assert feats._memory.keys() == []
+
+
+def test_runner_results_do_not_depend_on_what_is_dropped(monkeypatch) -> None:
+    """Alone or after another method, with the cache on or off, a method's results are the same."""
+    _, _, alone = _recording_run(monkeypatch, ["padim"], use_cache=False)
+    _, _, after = _recording_run(monkeypatch, ["patchcore", "padim"], use_cache=True)
+    a, b = alone["runs"][0], after["runs"][1]
+    assert a["metrics"] == b["metrics"]
+    assert [i["score"] for i in a["images"]] == [i["score"] for i in b["images"]]
+
+
+@pytest.mark.parametrize(("d", "chunk"), [(152, 1000), (152, 7), (152, 1), (96, 250), (300, 1000)])
+def test_projection_of_chunks_is_the_projection_of_the_rows(d: int, chunk: int) -> None:
+    from engine.components.coreset import coreset_projection, coreset_projection_chunks
+
+    x = torch.randn(3001, d, generator=torch.Generator().manual_seed(d)) * torch.rand(d) * 5
+    z, first = coreset_projection(x, proj_dim=128, seed=4)
+    zc, first_c = coreset_projection_chunks((x[a:a + chunk] for a in range(0, 3001, chunk)), 3001, proj_dim=128,
+                                            seed=4)
+    assert first == first_c and torch.equal(z, zc)
+    with pytest.raises(ValueError, match="rows"):
+        coreset_projection_chunks(iter([x[:10]]), 11)
+    bad = x[:20].clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        coreset_projection_chunks(iter([bad]), 20)
+
+
+def test_patchcore_bank_is_the_greedy_coreset_of_all_patch_rows() -> None:
+    """The projection made a chunk of images at a time gives the bank of the stacked patch rows' coreset."""
+    from engine.components.coreset import greedy_coreset
+
+    train = _images(40, 5)
+    det = registry.create("patchcore", preset="test", coreset_ratio=0.05).fit(train)
+    rows, _ = feats.patch_rows(train, det.layers, patch_size=det.patch_size, pad=det.pad)
+    idx = greedy_coreset(rows, det.memory_bank_.shape[0], proj_dim=det.proj_dim, seed=det.seed)
+    assert torch.equal(det.memory_bank_, rows[idx])
+    every = registry.create("patchcore", preset="test", coreset_ratio=1.0).fit(train)
+    assert torch.equal(every.memory_bank_, rows)

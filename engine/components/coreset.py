@@ -25,7 +25,7 @@ exact distances are squared differences summed by an explicit pairwise tree of e
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -129,6 +129,46 @@ def coreset_projection(x: torch.Tensor, *, proj_dim: int = 128, seed: int = 0) -
         raise ValueError("greedy_coreset: the features contain NaN or infinite values")
     g = torch.Generator().manual_seed(seed)
     z = random_projection(x.float(), proj_dim, g).contiguous()
+    first = int(torch.randint(n_total, (1,), generator=g))
+    return z, first
+
+
+def coreset_projection_chunks(chunks: Iterable[torch.Tensor], n_total: int, *, proj_dim: int = 128,
+                              seed: int = 0) -> tuple[torch.Tensor, int]:
+    """`coreset_projection` of the rows that `chunks` yields in order ((m_i, D) each, Σ m_i = n_total), without
+    the (N, D) rows ever held at once: z (N, min(D, proj_dim)) is filled a chunk at a time.
+
+    The same z to the bit as `coreset_projection` of the stacked rows: the projection matrix and the first row
+    come from the same generator calls, and a block of two or more rows times the matrix gives those rows of the
+    whole product (the row-blocked product keeps each row's sum order; tested; a single row would take the
+    matrix-vector path, so it is projected as a row of a two-row product). ValueError as `coreset_projection`,
+    and when the chunks do not hold n_total rows.
+    """
+    if n_total == 0:
+        raise ValueError("greedy_coreset: there are no feature rows to select from")
+    g = torch.Generator().manual_seed(seed)
+    z: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    row = 0
+    for x in chunks:
+        if not all(bool(torch.isfinite(x[a:a + _ROW_CHUNK]).all()) for a in range(0, x.shape[0], _ROW_CHUNK)):
+            raise ValueError("greedy_coreset: the features contain NaN or infinite values")
+        x = x.float()
+        if z is None:
+            if x.shape[1] > proj_dim:  # as random_projection: identity when D <= proj_dim
+                w = torch.randn(x.shape[1], proj_dim, generator=g, dtype=x.dtype) / math.sqrt(proj_dim)
+            z = torch.empty(n_total, x.shape[1] if w is None else proj_dim, dtype=x.dtype)
+        if row + x.shape[0] > n_total:
+            raise ValueError(f"coreset_projection_chunks: more than the {n_total} rows announced")
+        if w is None:
+            z[row:row + x.shape[0]] = x
+        elif x.shape[0] == 1 and n_total > 1:  # one row is a matrix-vector product, summed in another order:
+            z[row:row + 1] = (torch.cat([x, x]) @ w)[:1]  # as a row of a matrix product, like the stacked rows'
+        else:
+            z[row:row + x.shape[0]] = x @ w
+        row += x.shape[0]
+    if z is None or row != n_total:
+        raise ValueError(f"coreset_projection_chunks: {row} rows for the {n_total} announced")
     first = int(torch.randint(n_total, (1,), generator=g))
     return z, first
 

@@ -8,9 +8,10 @@ import torch
 
 from engine.api import ImageSet, Prediction, Progress
 from engine.components.anomaly_map import to_pixel_map
-from engine.components.coreset import coreset_projection, greedy_k_center
-from engine.components.features import patch_feature_chunks, patch_rows
+from engine.components.coreset import coreset_projection, coreset_projection_chunks, greedy_k_center
+from engine.components.features import extract_features, patch_feature_chunks, patch_rows
 from engine.components.knn import NearestNeighbours
+from engine.heap import trim
 from engine.methods.base import BaseDetector
 from engine.registry import register
 
@@ -57,10 +58,34 @@ class PatchCore(BaseDetector):
                 "patch_size": self.patch_size, "pad": self.pad}
 
     def _fit(self, train: ImageSet, anomalies: ImageSet | None, progress: Progress) -> None:
+        h, w = extract_features(train, self.layers, backbone=self.backbone, weights=self.weights,
+                                device=self.device_, progress=progress)[0].shape[-2:]
+        n_patches = len(train) * h * w  # the patch grid is the first layer's
+        n = max(1, int(round(self.coreset_ratio * n_patches)))
+        report = {"patches": n_patches, "keep": n}
+        if n < n_patches and (self.max_candidates is None or n_patches <= self.max_candidates):
+            # The greedy selection over every patch needs only their projection: it is made a chunk of images at
+            # a time, so the (N·h·w, D) patches are never held (534 MB on 762 images of 288×256 px); the chosen
+            # rows are made again afterwards. The same projection, hence the same bank, as from the stacked rows.
+            chunks = (emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+                      for emb in patch_feature_chunks(train, self.layers, **self._feature_args()))
+            z, first = coreset_projection_chunks(chunks, n_patches, proj_dim=self.proj_dim, seed=self.seed)
+            trim()  # the chunks' freed work space (135 MB kept by glibc on mt) goes back before the selection
+            progress("coreset", 0.0, {**report, "candidates": n_patches})
+            idx = greedy_k_center(z, n, first, progress=lambda f: progress("coreset", f, report))
+            del z
+            self.memory_bank_ = self._rows(train, idx)
+        else:
+            self.memory_bank_ = self._bank_from_rows(train, n, report, progress)
+        self._knn = NearestNeighbours(self.memory_bank_, self.device_)
+        progress("coreset", 1.0, {"bank": int(self.memory_bank_.shape[0])})
+
+    def _bank_from_rows(self, train: ImageSet, n: int, report: dict[str, int], progress: Progress) -> torch.Tensor:
+        """(n, D) bank when every patch is kept (n = all of them) or the selection runs on a random subset of
+        max_candidates patches: both start from the (N·h·w, D) patch rows."""
         # (N·h·w, D) locally aware patch embeddings, built without the (N, D, h, w) map beside them
         patches, _ = patch_rows(train, self.layers, progress=progress, **self._feature_args())
         n_patches = patches.shape[0]
-        n = max(1, int(round(self.coreset_ratio * n_patches)))
         rows = None  # the pool's rows of `patches`; None: all of them
         if self.max_candidates is not None and n_patches > self.max_candidates:
             # The exact greedy selection still costs about (candidates × centres) distance pairs, only fewer
@@ -70,19 +95,15 @@ class PatchCore(BaseDetector):
             rows = torch.randperm(n_patches, generator=g)[: self.max_candidates]
         pool = patches if rows is None else patches[rows]
         del patches
-        progress("coreset", 0.0, {"patches": n_patches, "candidates": pool.shape[0], "keep": n})
+        progress("coreset", 0.0, {**report, "candidates": pool.shape[0]})
         if n >= pool.shape[0]:
-            self.memory_bank_ = pool.contiguous()
-        else:
-            # The selection runs on the projection only: the pool is freed meanwhile and the chosen rows made again.
-            z, first = coreset_projection(pool, proj_dim=self.proj_dim, seed=self.seed)
-            del pool
-            idx = greedy_k_center(z, n, first,
-                                  progress=lambda f: progress("coreset", f, {"patches": n_patches, "keep": n}))
-            del z
-            self.memory_bank_ = self._rows(train, idx if rows is None else rows[idx])
-        self._knn = NearestNeighbours(self.memory_bank_, self.device_)
-        progress("coreset", 1.0, {"bank": int(self.memory_bank_.shape[0])})
+            return pool.contiguous()
+        # The selection runs on the projection only: the pool is freed meanwhile and the chosen rows made again.
+        z, first = coreset_projection(pool, proj_dim=self.proj_dim, seed=self.seed)
+        del pool
+        idx = greedy_k_center(z, n, first, progress=lambda f: progress("coreset", f, report))
+        del z
+        return self._rows(train, idx if rows is None else rows[idx])
 
     def _rows(self, images: ImageSet, idx: torch.Tensor) -> torch.Tensor:
         """(len(idx), D): rows idx of patch_rows(images), in the order of idx, made a chunk of images at a time."""
