@@ -8,8 +8,8 @@ cancelled is checked with a stand-in for `run_in_worker`.
 from __future__ import annotations
 
 import itertools
-import time
 import random
+import time
 from pathlib import Path
 from typing import Any
 
