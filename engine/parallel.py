@@ -81,7 +81,7 @@ def run_parallel(data: str | Path, cfg: Any, jobs: int, *, progress: RunProgress
     """
     from engine.data import discover
     from engine.device import resolve_device
-    from engine.runner import Cancelled, check_run_config, run_plan
+    from engine.runner import Cancelled, check_run_config, failed_record, run_label, run_plan
     from engine.threads import available_cpus
     from engine.worker import WorkerStats, run_in_worker
 
@@ -130,15 +130,14 @@ def run_parallel(data: str | Path, cfg: Any, jobs: int, *, progress: RunProgress
         raise failures[0][1]
     results = {**headers[0], "runs": []}
     why = {m: e for g, e in failures for m in g}
-    from engine.runner import failed_record, run_label
-
     several = len(cfg.ks) > 1
     for name, k in run_plan(cfg):
         label = run_label(name, k, several)
         rec = records.get(label)
         if rec is None:
             err = why.get(name)
-            msg = str(err) if isinstance(err, AdlabError) else f"{type(err).__name__}: {err}"
+            msg = (str(err) if isinstance(err, AdlabError) else f"{type(err).__name__}: {err}" if err is not None
+                   else "it ended without reporting this method")
             rec = failed_record(name, cfg, label, k, f"the worker running it stopped: {msg}")
             if on_result is not None:
                 on_result(rec)
