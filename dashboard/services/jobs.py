@@ -85,6 +85,11 @@ class Job:
         return self.state in ("queued", "running")
 
 
+def methods_at_once(config: RunConfig, isolation: str = JOB_ISOLATION, workers: int = JOB_WORKERS) -> int:
+    """Worker processes a job of `config` trains in: `workers` with process isolation, at most one per run."""
+    return min(workers, len(run_labels(config))) if isolation == "process" else 1
+
+
 class JobManager:
     """Runs training jobs, one per session, at most `max_running` at a time, the others in a FIFO queue.
 
@@ -137,8 +142,8 @@ class JobManager:
         return job
 
     def job_workers(self, config: RunConfig) -> int:
-        """Worker processes a job of `config` trains in: `workers` with process isolation, at most one per run."""
-        return min(self.workers, len(run_labels(config))) if self.isolation == "process" else 1
+        """Worker processes a job of `config` trains in (`methods_at_once` with this manager's settings)."""
+        return methods_at_once(config, self.isolation, self.workers)
 
     def get(self, session: str) -> Job | None:
         """The latest job of a session."""
@@ -271,7 +276,7 @@ def run_estimate(dataset_path: str, methods: list[str], *, image_size: int, back
                  ) -> tuple[str, str | None]:
     """(the estimate in words, the reason the run would be refused or None) for the Train page's selection."""
     cfg = _page_config(methods, image_size, backbone, preset, labeled_anomalies, resize, tile)
-    workers = job_manager().job_workers(cfg)
+    workers = methods_at_once(cfg)  # the settings the server's job manager runs with
     est = estimate_run(dataset_path, cfg, workers)
     shape = "" if est.shape is None or (est.tiles == 1 and est.shape[0] == est.shape[1]) else \
         f"Images at {est.size_text}. "
