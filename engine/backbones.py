@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from engine.api import WeightsError
+from engine.device import conv_layout
 from engine.efficientnet_lite0 import FEATURE_STAGES, EfficientNetLite0, EfficientNetLite0Features
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -190,13 +191,15 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.model((x - self.mean) / self.std)
-        return [feats[i] for i in self._order]
+        # contiguous: with channels-last weights (device.conv_layout) the maps come out channels-last, and
+        # callers reshape them
+        return [feats[i].contiguous() for i in self._order]
 
 
 @functools.lru_cache(maxsize=8)
 def get_extractor(name: str, layers: tuple[str, ...], weights: str, device: str) -> FeatureExtractor:
     """A shared, read-only extractor per (backbone, layers, weights, device)."""
-    return FeatureExtractor(name, layers, weights).to(device)
+    return conv_layout(FeatureExtractor(name, layers, weights).to(device), device)
 
 
 def weights_description(name: str = DEFAULT_BACKBONE, weights: str = "auto") -> str:

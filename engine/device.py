@@ -31,6 +31,20 @@ def autocast(device: str):
     return contextlib.nullcontext()
 
 
+def conv_layout(module: torch.nn.Module, device: str) -> torch.nn.Module:
+    """Convolution weights in channels-last layout on CPU (in place; returns `module`).
+
+    oneDNN's channels-last kernels are much faster than NCHW ones on CPU (measured on 1 core: a DRAEM training step
+    1007 → 563 ms, the EfficientNet-Lite0 backbone over 16 images at 256 px 1520 → 970 ms). Inputs need not be
+    converted: a convolution whose weight is channels-last gives a channels-last output, and the layout flows on.
+    Values are the same up to float rounding (sums in another order, as with another thread count). Off with
+    ADLAB_CHANNELS_LAST=0; on CUDA the layout is left as it is (not measured on a GPU yet).
+    """
+    if device == "cpu" and os.environ.get("ADLAB_CHANNELS_LAST", "1") != "0":
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
 def batch_size(device: str, cpu: int = 16, cuda: int = 128) -> int:
     """Inference batch size: large on GPUs, modest on CPU (keeps peak memory low)."""
     return cuda if device.startswith("cuda") else cpu

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from engine.api import MethodFailure, Progress, no_progress
-from engine.device import autocast
+from engine.device import autocast, conv_layout
 from engine.threads import refresh as refresh_threads
 
 
@@ -129,6 +129,8 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
     loss becomes non-finite.
     """
     objs = objectives if isinstance(objectives, list) else [objectives]
+    for m in modules:
+        conv_layout(m, device)
     g = torch.Generator().manual_seed(cfg.seed)
     train_idx, val_idx = split_indices(n_items, cfg.val_fraction, g)
     bs = cfg.cuda_batch_size if device.startswith("cuda") else cfg.batch_size
