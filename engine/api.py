@@ -35,6 +35,30 @@ def no_progress(stage: str, fraction: float | None = None, info: dict[str, Any] 
     """A progress callback that ignores everything."""
 
 
+class _Pixels:
+    """The `images` field of ImageSet: a plain tensor, except that a set made with `reload` can `release()` it and
+    reads it back from its files on the next access (so a long run need not hold pixels no stage reads)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> torch.Tensor:
+        if obj is None:  # the class-level access dataclasses make: no default value
+            raise AttributeError("images")
+        px = obj.__dict__.get(self.slot)
+        if px is None:
+            px = obj.reload()
+            if tuple(px.shape) != obj.__dict__["_shape"]:
+                raise RuntimeError(f"images read back with shape {tuple(px.shape)}, not {obj.__dict__['_shape']}: "
+                                   "the dataset's files changed during the run")
+            obj.__dict__[self.slot] = px
+        return px
+
+    def __set__(self, obj: Any, value: torch.Tensor) -> None:
+        obj.__dict__[self.slot] = value
+        obj.__dict__["_shape"] = tuple(value.shape)
+
+
 @dataclass
 class ImageSet:
     """A batch of images at the working resolution, with labels and optional masks.
@@ -45,7 +69,7 @@ class ImageSet:
     digest: content digest; cache keys for features start from it.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor = _Pixels()  # type: ignore[assignment]  # required: the descriptor gives no default
     labels: torch.Tensor | None = None
     masks: torch.Tensor | None = None
     paths: list[str] = field(default_factory=list)
@@ -54,6 +78,8 @@ class ImageSet:
     digest: str = ""
     # (digest of the full set, row indices) when this set is a subset: lets caches slice the full set's entries.
     origin: tuple[str, tuple[int, ...]] | None = None
+    # () -> the same (N, 3, H, W) uint8 pixels, read again from their files; None: the pixels cannot be released
+    reload: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -71,12 +97,30 @@ class ImageSet:
             self.digest = tensor_digest(self.images)
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, 3, H, W) of the images, without reading released pixels back."""
+        return self.__dict__["_shape"]
 
     @property
     def size(self) -> tuple[int, int]:
         """(H, W) of the images."""
-        return int(self.images.shape[2]), int(self.images.shape[3])
+        return int(self.shape[2]), int(self.shape[3])
+
+    def release(self) -> bool:
+        """Drop the pixels when they can be read back (`reload`); the next `images` access reads them again.
+        Returns whether they were dropped."""
+        if self.reload is None:
+            return False
+        self.__dict__["_images"] = None
+        return True
+
+    @property
+    def held(self) -> bool:
+        """Whether the pixels are in memory now."""
+        return self.__dict__.get("_images") is not None
 
     def float_images(self) -> torch.Tensor:
         """(N, 3, H, W) float32 in [0, 1]."""

@@ -400,6 +400,7 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
     if asked != ks:  # addition: the K asked for, when the dataset could not give them all (resolve_ks)
         results["config"]["labeled_anomalies_asked"] = asked
     needs = [_feature_needs(name, cfg) for name, _ in plan]
+    reads_pixels = [_reads_pixels(infos[name], needs[i]) for i, (name, _) in enumerate(plan)]
     for i, (name, k) in enumerate(plan):
         check_cancel()
         mi = infos[name]
@@ -418,7 +419,7 @@ def run_methods(data: str | Path | Dataset, cfg: RunConfig, *, progress: RunProg
             with using_cache(cache), run_layers(run_wide), thread_job() as threads:
                 rec = _run_one(unit, mi, cfg, device, ds, train, test, test_all, anomalies, cache, progress,
                                cancel, save=None if save_models is None else (Path(save_models), results),
-                               later=later)
+                               later=later, pixels_later=any(reads_pixels[i + 1:]))
             if rec["status"] == "ok":
                 rec["tiles_per_image"] = _tiles_used(name, cfg, shape)
             if rec["status"] == "ok" and not rec.get("cached"):
@@ -469,11 +470,14 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
              test: ImageSet, test_all: ImageSet, anomalies: ImageSet | None, cache: Cache,
              progress: RunProgress, cancel: threading.Event | None,
              save: tuple[Path, dict[str, Any]] | None = None,
-             later: frozenset[tuple[str, str, str]] = frozenset()) -> dict[str, Any]:
+             later: frozenset[tuple[str, str, str]] = frozenset(), pixels_later: bool = True) -> dict[str, Any]:
     """One run: from the cache when it holds the run (and its model, when one is to be kept), else fit,
     predict and evaluate. save: (folder, results so far) to write the fitted model to (saved_models format).
     later: the (backbone, weights, layer) features the runs after this one read; the others are dropped from
     memory once this run is done with them (the training split's after fit, the test split's after predict).
+    pixels_later: whether a later run reads the images themselves; when none does and this one reads only shared
+    features, the splits' pixels are released once their features are made (ImageSet.release; read back from
+    the files if anything asks for them after all).
 
     The test split's features are made after fit, not with the training split's, so the two splits' features
     (and the fitted model beside both) are not held at once; the backbone seconds charged are the same. Weakly
@@ -522,10 +526,15 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
             # are made before fit, as they always were (a pass over the labelled images alone would batch them
             # differently, and the features depend on the batch in their last bits).
             test_first = bool(layers) and mi.supervision == "weak"
+            # A method that reads only the shared features, with no later run reading pixels, need not hold the
+            # images through fit and predict (on mt: 296 MB of uint8 beside the coreset's or Gaussians' peak).
+            release = not pixels_later and not test_first and not _reads_pixels(mi, layers)
             if layers:
                 shared_fit_s = _warm_features(det, layers, "train", train, train, device, prog)
             if test_first:
                 shared_pred_s = _warm_features(det, layers, "test", test_all, test, device, prog)
+            if release:
+                _release([train, test_all])
             with _PeakMemory() as mem_fit:
                 prog("fit", 0.0)
                 t0 = time.perf_counter()
@@ -535,6 +544,8 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
                 _forget_unread(det, layers, [train], later)
             if layers and not test_first:
                 shared_pred_s = _warm_features(det, layers, "test", test_all, test, device, prog)
+            if release:
+                _release([test_all])
             with _PeakMemory() as mem_pred:
                 prog("predict", 0.0)
                 t0 = time.perf_counter()
@@ -647,6 +658,18 @@ def _warm_features(det: Any, layers: tuple[str, ...], split: str, whole: ImageSe
     secs = backbone_seconds(images, layers, backbone=det.backbone, weights=det.weights) * len(used) / n_whole
     trim()  # the pass's batches are freed: give their pages back before the next stage
     return secs
+
+
+def _reads_pixels(mi: registry.MethodInfo, layers: Any) -> bool:
+    """Whether a method reads the images themselves: trained ones and those without shared features do."""
+    return mi.trained or not layers
+
+
+def _release(sets: list[ImageSet]) -> None:
+    """Release the pixels of `sets` that can be read back, then give the pages back."""
+    if any([s.release() for s in sets]):
+        gc.collect()
+        trim()
 
 
 def _feature_needs(name: str, cfg: RunConfig) -> frozenset[tuple[str, str, str]]:

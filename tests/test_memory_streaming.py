@@ -189,3 +189,50 @@ def test_patchcore_bank_is_the_greedy_coreset_of_all_patch_rows() -> None:
     assert torch.equal(det.memory_bank_, rows[idx])
     every = registry.create("patchcore", preset="test", coreset_ratio=1.0).fit(train)
     assert torch.equal(every.memory_bank_, rows)
+
+
+def test_imageset_pixels_released_and_read_back_to_the_bit() -> None:
+    import pickle
+
+    from engine.data import discover, load_split
+
+    ds = discover(Path(__file__).resolve().parent.parent / "sample_data" / "brick")
+    s = load_split(ds, "test", 48)
+    before = s.images.clone()
+    assert s.release() and not s.held
+    assert len(s) == before.shape[0] and s.size == (48, 48) and not s.held, "the shape must not read pixels back"
+    assert torch.equal(s.images, before) and s.held
+    assert not s.subset([0, 1]).release(), "a subset has no files of its own to read back"
+    assert not _images(2).release(), "pixels made in memory cannot be released"
+    again = pickle.loads(pickle.dumps(s))  # a set crosses to worker processes
+    assert again.release() and torch.equal(again.images, before)
+    bad = ImageSet(images=before[:2], reload=lambda: before[:1])
+    bad.release()
+    with pytest.raises(RuntimeError, match="changed during the run"):
+        _ = bad.images
+
+
+def test_runner_releases_pixels_only_when_no_run_reads_them(monkeypatch) -> None:
+    """PatchCore alone fits without the images held; before a trained method they stay; the results are the same."""
+    from engine import runner
+
+    held_at_fit: dict[str, list[bool]] = {}
+    real = runner.RunConfig
+
+    def progress_probe(method: str, stage: str, fraction: float | None, info: dict) -> None:
+        if stage == "fit" and method not in held_at_fit:
+            held_at_fit[method] = [s.held for s in runner._split_cache.values()]
+
+    def run(methods: list[str]) -> dict:
+        runner._split_cache.clear()
+        cfg = real(methods=methods, image_size=64, preset="test", device="cpu", use_cache=False)
+        return runner.run_methods(Path(__file__).resolve().parent.parent / "sample_data" / "brick", cfg,
+                                  progress=progress_probe)
+
+    alone = run(["padim"])
+    assert held_at_fit.pop("padim") == [False, False]
+    before_trained = run(["padim", "fastflow"])
+    assert held_at_fit["padim"] == [True, True]
+    a, b = alone["runs"][0], before_trained["runs"][0]
+    assert a["metrics"] == b["metrics"]
+    assert [i["score"] for i in a["images"]] == [i["score"] for i in b["images"]]

@@ -10,6 +10,7 @@ Dataset.working_shape for keep-aspect loading):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +128,13 @@ def load_split(ds: Dataset, split: str, image_size: Shape = 256, *, indices: lis
         defect_types=[s.defect_type for s in samples],
         has_mask=torch.from_numpy(has_mask),
         digest=hashlib.sha256(key.encode()).hexdigest()[:32],
+        reload=functools.partial(_reload_pixels, ds, split, image_size, indices),
     )
+
+
+def _reload_pixels(ds: Dataset, split: str, image_size: Shape, indices: list[int] | None) -> torch.Tensor:
+    """The pixels load_split gave, read again from the files (ImageSet.release)."""
+    return load_split(ds, split, image_size, indices=indices).images
 
 
 def load_files(paths: list[str], image_size: Shape) -> ImageSet:
