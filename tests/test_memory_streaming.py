@@ -40,6 +40,45 @@ def test_gather_positions_gives_the_rows_and_the_sums_of_the_whole_embedding() -
     assert torch.equal(mean_a, mean_b) and torch.equal(prec_a, prec_b)
 
 
+def test_packed_precisions_score_as_the_full_ones() -> None:
+    """PaDiM's precisions kept as triangles (half the memory) give the full matrices back to the bit, and the
+    distances scored a chunk of positions at a time equal the whole-set `mahalanobis`."""
+    from engine.components.gaussian import mahalanobis, mahalanobis_chunks, pack_symmetric, unpack_symmetric
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 25, 9, generator=g) * torch.rand(9, generator=g)  # (P, N, D)
+    mean, full = gaussian_fit(x, shrinkage="fixed", chunk=8)
+    _, packed = gaussian_fit_chunks(37, 9, lambda s, e: x[s:e], shrinkage="fixed", chunk=8, packed=True)
+    assert packed.shape == (37, 45) and torch.equal(full, full.mT)
+    assert torch.equal(unpack_symmetric(packed, 9), full) and torch.equal(pack_symmetric(full), packed)
+    test = torch.randn(11, 37, 9, generator=g)  # (B, P, D)
+    whole = mahalanobis(test, mean, full)
+    for chunk in (1, 5, 64):
+        part = mahalanobis_chunks(37, lambda s, e: test.transpose(0, 1)[s:e], mean, packed, chunk=chunk)
+        assert torch.equal(part, whole)
+    diff = (test - mean).double()
+    reference = torch.einsum("bpd,pde,bpe->bp", diff, full.double(), diff).sqrt()
+    assert torch.allclose(whole.double(), reference, rtol=1e-4)
+
+
+def test_padim_reads_a_model_saved_with_full_precisions(sample_brick, tmp_path) -> None:
+    from engine.cache import load_tensors, save_tensors
+    from engine.components.gaussian import unpack_symmetric
+    from engine.registry import create
+
+    train, test = sample_brick
+    m = create("padim", preset="test")
+    m.fit(train)
+    m.save(tmp_path)
+    state = load_tensors(tmp_path / "state.safetensors")
+    assert state["precision"].dim() == 2
+    state["precision"] = unpack_symmetric(state["precision"], state["mean"].shape[1])  # the earlier format
+    save_tensors(state, tmp_path / "state.safetensors")
+    old = create("padim").load(tmp_path)
+    assert torch.equal(old.precision_, m.precision_)
+    assert torch.equal(old.predict(test).scores, m.predict(test).scores)
+
+
 def test_patch_rows_equal_the_whole_map_and_are_built_a_chunk_at_a_time(monkeypatch) -> None:
     images = _images(7)
     layers = ("blocks.2", "blocks.4")
@@ -61,15 +100,16 @@ def test_patchcore_and_padim_never_embed_the_whole_set(monkeypatch) -> None:
     registry.create("patchcore", preset="test").fit(train).predict(test)
     assert seen and max(seen) <= 32, seen
 
+    import engine.components.anomaly_map as anomaly_map
     import engine.methods.memory_bank.padim as padim
 
     def whole(*a, **k):
-        raise AssertionError("PaDiM's fit built the whole embedding")
+        raise AssertionError("PaDiM built a whole embedding")
 
     det = registry.create("padim", preset="test")
-    monkeypatch.setattr(padim, "resize_and_concat", whole)
+    monkeypatch.setattr(anomaly_map, "resize_and_concat", whole)
+    assert not hasattr(padim, "resize_and_concat")  # fit and predict gather a chunk of positions at a time
     det.fit(train)
-    monkeypatch.undo()
     assert det.predict(test).maps.shape == (35, 40, 48)
 
 

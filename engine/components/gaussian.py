@@ -45,15 +45,31 @@ def gaussian_fit(x: torch.Tensor, *, shrinkage: str = "ledoit_wolf", eps: float 
                                chunk=chunk)
 
 
+def pack_symmetric(m: torch.Tensor) -> torch.Tensor:
+    """(P, D, D) symmetric -> (P, D(D+1)/2): the lower triangle, row by row."""
+    i, j = torch.tril_indices(m.shape[-1], m.shape[-1])
+    return m[:, i, j]
+
+
+def unpack_symmetric(t: torch.Tensor, d: int) -> torch.Tensor:
+    """(P, D(D+1)/2) from `pack_symmetric` -> the (P, D, D) symmetric matrices."""
+    i, j = torch.tril_indices(d, d)
+    out = t.new_empty(t.shape[0], d, d)
+    out[:, i, j] = t
+    out[:, j, i] = t
+    return out
+
+
 def gaussian_fit_chunks(p: int, d: int, rows: Callable[[int, int], torch.Tensor], *,
                         shrinkage: str = "ledoit_wolf", eps: float = 0.01,
-                        chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk: int = 64, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`gaussian_fit` of P positions whose samples come a chunk at a time: rows(s, e) -> (e − s, N, D).
 
     The (P, N, D) samples are never held at once (2.5 GB for PaDiM on 762 images of 288×256 px). Chunks with the
     values and the memory layout of the whole tensor's slices give the same result to the bit (the layout sets
     the order of the sums over N). Each chunk's work space is about 4 copies of it (two float32, one float64):
-    64 positions of 762 images × 176 channels are 34 MB.
+    64 positions of 762 images × 176 channels are 34 MB. packed: the precisions come as `pack_symmetric`'s
+    (P, D(D+1)/2) triangles, half the memory (the Cholesky inverse is symmetric to the bit, so nothing is lost).
     """
     if shrinkage not in ("ledoit_wolf", "fixed"):
         raise ValueError(f"unknown shrinkage {shrinkage!r}")
@@ -61,7 +77,7 @@ def gaussian_fit_chunks(p: int, d: int, rows: Callable[[int, int], torch.Tensor]
         # Filled chunk by chunk: a list of chunks then torch.cat held the (P, D, D) precisions twice at the peak
         # (2 × 507 MB for PaDiM at 256 px).
         means = torch.empty(p, d)
-        precs = torch.empty(p, d, d)
+        precs = torch.empty(p, d * (d + 1) // 2) if packed else torch.empty(p, d, d)
         eye = torch.eye(d)
         for s in range(0, p, chunk):
             xs = rows(s, min(s + chunk, p))
@@ -72,7 +88,8 @@ def gaussian_fit_chunks(p: int, d: int, rows: Callable[[int, int], torch.Tensor]
                 xc = (xs - mean[:, None]).double()
                 cov = (xc.transpose(1, 2) @ xc / max(1, xs.shape[1] - 1)).float()
                 del xc
-            precs[s:s + chunk] = _spd_inverse(cov.float() + eps * eye)
+            prec = _spd_inverse(cov.float() + eps * eye)
+            precs[s:s + chunk] = pack_symmetric(prec) if packed else prec
             means[s:s + chunk] = mean
     return means, precs
 
@@ -84,6 +101,30 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
     with single_thread():
         left = torch.bmm(diff.transpose(0, 1), precision).transpose(0, 1)
     return (left * diff).sum(-1).clamp_min_(0).sqrt_()
+
+
+def mahalanobis_chunks(p: int, rows: Callable[[int, int], torch.Tensor], mean: torch.Tensor,
+                       packed_precision: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """`mahalanobis` of N samples at P positions that come a chunk of positions at a time, rows(s, e) ->
+    (e − s, N, D), against mean (P, D) and `pack_symmetric` precisions (P, D(D+1)/2) -> distances (N, P).
+
+    Each chunk's precisions are unpacked once for all N samples; the work space is about three (chunk, N, D)
+    tensors (26 MB for 64 positions of 582 images × 176 channels).
+    """
+    d = mean.shape[1]
+    out: torch.Tensor | None = None
+    with single_thread():
+        for s in range(0, p, chunk):
+            e = min(s + chunk, p)
+            diff = rows(s, e) - mean[s:e, None]  # (c, N, D)
+            left = torch.bmm(diff, unpack_symmetric(packed_precision[s:e], d))
+            dist = (left * diff).sum(-1).clamp_min_(0).sqrt_()  # (c, N)
+            if out is None:
+                out = torch.empty(dist.shape[1], p)
+            out[:, s:e] = dist.T
+    if out is None:
+        raise ValueError("no positions to score")
+    return out
 
 
 def _spd_inverse(cov: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 
 from engine.api import ImageSet, Prediction, Progress
-from engine.components.anomaly_map import gather_positions, resize_and_concat, to_pixel_map
+from engine.components.anomaly_map import gather_positions, to_pixel_map
 from engine.components.features import extract_features
-from engine.components.gaussian import gaussian_fit_chunks, mahalanobis
+from engine.components.gaussian import gaussian_fit_chunks, mahalanobis_chunks, pack_symmetric
 from engine.methods.base import BaseDetector
 from engine.registry import register
 
@@ -43,11 +43,18 @@ class PaDiM(BaseDetector):
         return extract_features(images, self.layers, backbone=self.backbone, weights=self.weights,
                                 device=self.device_, **kw)
 
-    def _embed(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        """(N, d, h, w): layers concatenated at the first layer's size (nearest), channel subset applied."""
-        emb = resize_and_concat(feats, mode="nearest")
-        # Indexing copies the whole (N, d, h, w) embedding: only worth it when a channel subset is kept.
-        return emb if len(self.channels_) == emb.shape[1] else emb[:, self.channels_]
+    def _rows(self, feats: list[torch.Tensor], total: int):
+        """rows(s, e) -> (e − s, N, d): the embedding's samples at positions s..e of the first layer's grid
+        (layers concatenated, nearest-resampled, channel subset applied), made a chunk at a time."""
+        h, w = feats[0].shape[-2:]
+        subset = len(self.channels_) != total
+
+        def rows(s: int, e: int) -> torch.Tensor:
+            x = gather_positions(feats, (h, w), torch.arange(s, e))  # a view of (N, total, e − s)
+            # the subset taken before the permutation keeps the layout (and so the sums' order) of the whole map's
+            return x.permute(1, 2, 0)[:, self.channels_].permute(2, 0, 1) if subset else x
+
+        return rows
 
     def _fit(self, train: ImageSet, anomalies: ImageSet | None, progress: Progress) -> None:
         from engine.backbones import stage_info
@@ -58,28 +65,18 @@ class PaDiM(BaseDetector):
         self.channels_ = torch.randperm(total, generator=g)[:keep].sort().values
         feats = self._features(train, progress)
         h, w = feats[0].shape[-2:]
-        subset = len(self.channels_) != total
-
-        def rows(s: int, e: int) -> torch.Tensor:
-            """(e − s, N, d) samples of positions s..e: rows of the embedding, made a chunk at a time."""
-            x = gather_positions(feats, (h, w), torch.arange(s, e))  # a view of (N, total, e − s)
-            # the subset taken before the permutation, as _embed does, keeps the layout (and so the sums' order)
-            return x.permute(1, 2, 0)[:, self.channels_].permute(2, 0, 1) if subset else x
-
         progress("gaussian", 0.0, {"positions": h * w})
-        self.mean_, self.precision_ = gaussian_fit_chunks(h * w, keep, rows, shrinkage=self.shrinkage, eps=self.eps)
+        self.mean_, self.precision_ = gaussian_fit_chunks(h * w, keep, self._rows(feats, total),
+                                                          shrinkage=self.shrinkage, eps=self.eps, packed=True)
         self.grid_ = (h, w)
         progress("gaussian", 1.0, {})
 
     def _predict(self, images: ImageSet) -> Prediction:
         feats = self._features(images)
-        out = []
-        for s in range(0, feats[0].shape[0], 16):  # embed 16 images at a time: the whole set's is 326 MB on mpdd
-            emb = self._embed([f[s:s + 16] for f in feats])
-            b, d, h, w = emb.shape
-            out.append(mahalanobis(emb.permute(0, 2, 3, 1).reshape(b, h * w, d), self.mean_, self.precision_)
-                       .reshape(b, h, w))
-        maps = to_pixel_map(torch.cat(out), images.size, self.sigma)
+        h, w = feats[0].shape[-2:]
+        total = sum(f.shape[1] for f in feats)
+        dist = mahalanobis_chunks(h * w, self._rows(feats, total), self.mean_, self.precision_)  # (N, h·w)
+        maps = to_pixel_map(dist.reshape(-1, h, w), images.size, self.sigma)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
 
     def _state(self) -> dict[str, torch.Tensor]:
@@ -88,5 +85,7 @@ class PaDiM(BaseDetector):
 
     def _set_state(self, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
         self.mean_, self.precision_ = tensors["mean"], tensors["precision"]
+        if self.precision_.dim() == 3:  # saved before the precisions were stored as triangles
+            self.precision_ = pack_symmetric(self.precision_)
         self.channels_ = tensors["channels"]
         self.grid_ = tuple(tensors["grid"].tolist())
