@@ -206,3 +206,48 @@ def test_ganomaly_score_is_the_l1_latent_distance() -> None:
     zo = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     x = torch.zeros(2, 3, 4, 4)
     assert det._scores(x, x, z, zo).tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_attention_is_torchs_multihead_attention() -> None:
+    """UniAD's attention (its own for a faster CPU dropout) has nn.MultiheadAttention's parameters and, without
+    dropout, its outputs; with dropout it drops attention weights at the rate asked and is reproducible."""
+    from engine.methods.transformer.patch_transformer import Attention
+
+    torch.manual_seed(0)
+    ours = Attention(32, 4, dropout=0.25)
+    ref = torch.nn.MultiheadAttention(32, 4, dropout=0.25, batch_first=True)
+    ref.load_state_dict(ours.state_dict())  # the same names and shapes
+    q, k, v = torch.randn(3, 10, 32), torch.randn(3, 12, 32), torch.randn(3, 12, 32)
+    mask = torch.rand(10, 12) < 0.3
+    mask[:, 0] = False  # every query keeps a key
+    ours.eval(), ref.eval()
+    want = ref(q, k, v, attn_mask=mask, need_weights=False)[0]
+    assert torch.allclose(ours(q, k, v, mask), want, atol=1e-5)
+    assert torch.allclose(ours(q, k, v), ref(q, k, v, need_weights=False)[0], atol=1e-5)
+    ours.train()
+    torch.manual_seed(1)
+    a = ours(q, k, v, mask)
+    torch.manual_seed(1)
+    assert torch.equal(a, ours(q, k, v, mask))
+    assert not torch.allclose(a, want, atol=1e-3)
+    ours.dropout = 0.0
+    assert torch.allclose(ours(q, k, v, mask), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
+def test_dropout_keeps_each_element_with_probability_one_minus_p(p: float) -> None:
+    from engine.components.nets import Dropout, dropout, dropout_mask
+
+    torch.manual_seed(0)
+    n = 1_000_000
+    kept = dropout_mask((1000, 1000), p).float().mean().item()
+    assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5 + 1e-12
+    x = torch.rand(64, 33) + 0.5
+    x.requires_grad_(True)
+    y = dropout(x, p, training=True)
+    y.sum().backward()
+    keep = y != 0
+    assert torch.allclose(y[keep], x[keep] / (1 - p)) and (x.grad == keep / (1 - p)).all()
+    assert dropout(x, p, training=False) is x
+    assert Dropout(p).eval()(x) is x
+    assert (dropout(x, 1.0, training=True) == 0).all()

@@ -15,6 +15,7 @@ Up blocks: nearest upsample x2 -> Conv 3x3 -> BatchNorm -> LeakyReLU(0.2) (+ `ex
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -33,6 +34,50 @@ def evaluating(module: nn.Module) -> Iterator[nn.Module]:
             yield module
     finally:
         module.train(was_training)
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A bool tensor of `shape`, True (kept) with probability 1 − p, from the default generator of `device`.
+
+    Each element compares a uniform 16-bit integer (four per 64-bit draw) with round(p·2¹⁶): the drop rate is p
+    to within 2⁻¹⁷ (0.1 → 0.100006), far below the spread of the kept fraction of any mask worth drawing. On
+    CPU this is about 3× faster than torch's Bernoulli sampling, which draws one double per element (UniAD's
+    attention dropout was half of its training step).
+    """
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    threshold = round(p * 2**16) - 2**15
+    return words.view(torch.int16)[:n].view(shape) >= threshold
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout, (...) -> (...): zero each element with probability p and scale the rest by 1 / (1 − p)
+    while training; identity otherwise. `F.dropout` on CUDA; on CPU with `dropout_mask`'s faster sampling and
+    the mask as a scaled float tensor (a product with it is about 3× faster than `torch.where` with a bool one,
+    here and in the backward pass)."""
+    if not training or p <= 0:
+        return x
+    if p >= 1:
+        return torch.zeros_like(x)
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    return x * dropout_mask(tuple(x.shape), p, x.device).to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    """`nn.Dropout` with `dropout`'s faster CPU sampling: (...) -> (...)."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def _act() -> nn.Module:
@@ -178,4 +223,5 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 
     return s.mean(1)
 
 
-__all__ = ["ConvDecoder", "ConvEncoder", "conv_block", "down_block", "ssim_map", "up_block"]
+__all__ = ["ConvDecoder", "ConvEncoder", "Dropout", "conv_block", "down_block", "dropout", "dropout_mask", "ssim_map",
+           "up_block"]

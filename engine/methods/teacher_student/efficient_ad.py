@@ -21,6 +21,7 @@ from engine.api import ConfigError, ImageSet, Prediction, Progress, to_float_ima
 from engine.backbones import IMAGENET_MEAN, IMAGENET_STD
 from engine.components.anomaly_map import local_average, resample_cells
 from engine.components.features import extract_features
+from engine.components.nets import Dropout
 from engine.components.synthetic_anomalies import default_source
 from engine.components.train_loop import Objective, TrainConfig, split_indices, train_loop
 from engine.methods.base import BaseDetector, load_module_state, module_state
@@ -101,7 +102,7 @@ class EADAutoencoder(nn.Module):
         self.sizes = [(max(1, round(s * h / 256)), max(1, round(s * w / 256))) for s in _DECODER_SIZES_256]
         self.out_size = (pdn_out_size(h), pdn_out_size(w))
         self.dec = nn.ModuleList([nn.Conv2d(width, width, 4, padding=2) for _ in self.sizes])
-        self.drop = nn.Dropout(0.2)
+        self.drop = Dropout(0.2)
         self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(width, out_channels, 3, padding=1))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

@@ -19,6 +19,7 @@ from torch import nn
 from engine.api import ConfigError, ImageSet, Prediction, Progress
 from engine.components.anomaly_map import local_average, resample_cells, to_pixel_map
 from engine.components.features import extract_features
+from engine.components.nets import Dropout, dropout
 from engine.components.train_loop import Objective, TrainConfig, train_loop
 from engine.methods.base import BaseDetector, load_module_state, module_state
 from engine.registry import register
@@ -62,11 +63,54 @@ class PositionEmbeddingLearned(nn.Module):
         return torch.cat([cols, rows], dim=-1).reshape(self.h * self.w, -1)
 
 
+class Attention(nn.Module):
+    """Multi-head attention with dropout on the attention weights, as `nn.MultiheadAttention(batch_first=True)`
+    (the same parameters and names: in_proj_weight (3d, d), in_proj_bias (3d,), out_proj), whose training step
+    on CPU spent half its time drawing the dropout mask: here the mask comes from `nets.dropout`'s sampler.
+
+    query (B, Lq, d), key (B, Lk, d), value (B, Lk, d), mask (Lq, Lk) bool, True = may NOT attend -> (B, Lq, d).
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d % heads:
+            raise ConfigError(f"d_model {d} is not divisible by {heads} heads")
+        self.num_heads, self.dropout = heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
+        self.out_proj = nn.Linear(d, d)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _split(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Project x (B, L, d) with the i-th third of in_proj -> (B · num_heads, L, d / num_heads)."""
+        b, n, d = x.shape
+        y = F.linear(x, self.in_proj_weight[i * d:(i + 1) * d], self.in_proj_bias[i * d:(i + 1) * d])
+        return y.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2).reshape(-1, n, d // self.num_heads)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = query.shape
+        q, k, v = self._split(query, 0), self._split(key, 1), self._split(value, 2)
+        if self.training and self.dropout > 0:
+            scale = q.shape[-1] ** -0.5
+            if mask is None:
+                w = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+            else:  # the scale and the mask in the product itself: no extra pass over the (B·heads, Lq, Lk) weights
+                bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(mask, float("-inf"))
+                w = torch.baddbmm(bias.expand(q.shape[0], -1, -1), q, k.transpose(1, 2), alpha=scale)
+            out = torch.bmm(dropout(w.softmax(-1), self.dropout, True), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else ~mask)
+        out = out.view(b, self.num_heads, n, d // self.num_heads).transpose(1, 2).reshape(b, n, d)
+        return self.out_proj(out)
+
+
 class _FeedForward(nn.Sequential):
     """Linear -> ReLU -> dropout -> Linear (the DETR / UniAD feed-forward block): (..., d) -> (..., d)."""
 
     def __init__(self, d: int, ff: int, dropout: float):
-        super().__init__(nn.Linear(d, ff), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ff, d))
+        super().__init__(nn.Linear(d, ff), nn.ReLU(inplace=True), Dropout(dropout), nn.Linear(ff, d))
 
 
 class _EncoderLayer(nn.Module):
@@ -75,16 +119,16 @@ class _EncoderLayer(nn.Module):
 
     def __init__(self, d: int, heads: int, ff: int, dropout: float):
         super().__init__()
-        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.attn = Attention(d, heads, dropout)
         self.norm1 = nn.LayerNorm(d)
         self.ff = _FeedForward(d, ff, dropout)
         self.norm2 = nn.LayerNorm(d)
-        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.drop1, self.drop2 = Dropout(dropout), Dropout(dropout)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, L, d), pos (L, d), mask (L, L) bool -> (B, L, d)."""
         q = x + pos
-        x = self.norm1(x + self.drop1(self.attn(q, q, x, attn_mask=mask, need_weights=False)[0]))
+        x = self.norm1(x + self.drop1(self.attn(q, q, x, mask)))
         return self.norm2(x + self.drop2(self.ff(x)))
 
 
@@ -99,20 +143,18 @@ class _DecoderLayer(nn.Module):
     def __init__(self, d: int, heads: int, ff: int, dropout: float, tokens: int):
         super().__init__()
         self.query = nn.Embedding(tokens, d)
-        self.self_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.self_attn = Attention(d, heads, dropout)
+        self.cross_attn = Attention(d, heads, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.ff = _FeedForward(d, ff, dropout)
-        self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+        self.drop1, self.drop2, self.drop3 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
 
     def forward(self, out: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
         """out, memory (B, L, d), pos (L, d), mask (L, L) -> (B, L, d)."""
         tgt = self.query.weight.expand(out.shape[0], -1, -1)
-        tgt = self.norm1(tgt + self.drop1(self.self_attn(tgt + pos, out + pos, out, attn_mask=mask,
-                                                         need_weights=False)[0]))
-        tgt = self.norm2(tgt + self.drop2(self.cross_attn(tgt + pos, memory + pos, memory, attn_mask=mask,
-                                                          need_weights=False)[0]))
+        tgt = self.norm1(tgt + self.drop1(self.self_attn(tgt + pos, out + pos, out, mask)))
+        tgt = self.norm2(tgt + self.drop2(self.cross_attn(tgt + pos, memory + pos, memory, mask)))
         return self.norm3(tgt + self.drop3(self.ff(tgt)))
 
 
@@ -319,4 +361,5 @@ def pooled_max(maps: torch.Tensor, k: int) -> torch.Tensor:
     return F.avg_pool2d(maps[:, None], k, stride=1).flatten(1).amax(1)
 
 
-__all__ = ["PositionEmbeddingLearned", "ReconstructionTransformer", "UniAD", "neighbour_mask", "pooled_max"]
+__all__ = ["Attention", "PositionEmbeddingLearned", "ReconstructionTransformer", "UniAD", "neighbour_mask",
+           "pooled_max"]
