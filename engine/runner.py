@@ -24,7 +24,7 @@ from engine import estimates, registry, saved_models
 from engine.api import AdlabError, ConfigError, ImageSet, MethodFailure, Prediction
 from engine.backbones import weights_description
 from engine.cache import ENGINE_VERSION, Cache, default_cache, make_key
-from engine.components.features import backbone_seconds, extract_features, forget, run_layers, using_cache
+from engine.components.features import backbone_seconds, extract_features, forget, hand_over, run_layers, using_cache
 from engine.data import Dataset, discover, load_split
 from engine.data.geometry import DEFAULT_OVERLAP, DEFAULT_RESIZE, check_resize, check_tile, work_units
 from engine.data.loader import Shape, as_shape
@@ -546,6 +546,8 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
                 shared_pred_s = _warm_features(det, layers, "test", test_all, test, device, prog)
             if release:
                 _release([test_all])
+            if layers and det.reads_test_features_once:
+                _unread_later(det, layers, [test_all, test], later, hand_over)
             with _PeakMemory() as mem_pred:
                 prog("predict", 0.0)
                 t0 = time.perf_counter()
@@ -678,12 +680,19 @@ def _feature_needs(name: str, cfg: RunConfig) -> frozenset[tuple[str, str, str]]
     return frozenset((det.backbone, det.weights, layer) for layer in det.feature_layers())
 
 
+def _unread_later(det: Any, layers: tuple[str, ...], sets: list[ImageSet], later: frozenset[tuple[str, str, str]],
+                  action: Callable[..., None]) -> None:
+    """`action` (forget or hand_over) on the in-memory features of `sets` (as `det` sees them) that no later run
+    reads."""
+    unread = tuple(layer for layer in layers if (det.backbone, det.weights, layer) not in later)
+    for images in sets:
+        action(det.working_images(images), unread, backbone=det.backbone, weights=det.weights)
+
+
 def _forget_unread(det: Any, layers: tuple[str, ...], sets: list[ImageSet],
                    later: frozenset[tuple[str, str, str]]) -> None:
     """Drop the in-memory features of `sets` (as `det` sees them) that no later run reads, then trim the heap."""
-    unread = tuple(layer for layer in layers if (det.backbone, det.weights, layer) not in later)
-    for images in sets:
-        forget(det.working_images(images), unread, backbone=det.backbone, weights=det.weights)
+    _unread_later(det, layers, sets, later, forget)
     trim()
 
 

@@ -205,6 +205,30 @@ def test_runner_results_do_not_depend_on_what_is_dropped(monkeypatch, tmp_path) 
     assert [i["score"] for i in a["images"]] == [i["score"] for i in b["images"]]
 
 
+def test_padim_lets_go_of_the_test_features_before_its_maps(monkeypatch) -> None:
+    """The runner hands PaDiM the test features no later run reads: they are freed inside predict, before the
+    full-size maps, and nothing is computed twice; features a later run reads stay held."""
+    import engine.methods.memory_bank.padim as padim
+
+    seen: list[tuple[list[str], list[bool]]] = []
+    real = padim.to_pixel_map
+
+    def spy(*a, **k):
+        seen.append((feats._memory.keys(), [r() is None for r in feats._memory.weak.values()]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(padim, "to_pixel_map", spy)
+    _, passes, res = _recording_run(monkeypatch, ["padim"], use_cache=False)
+    assert res["runs"][0]["status"] == "ok" and len(passes) == 2, passes  # train, test: no pass made again
+    held, freed = seen[-1]
+    assert held == [] and len(freed) == 3 and all(freed), seen[-1]
+
+    _, passes, res = _recording_run(monkeypatch, ["padim", "patchcore"], use_cache=False)
+    assert [r["status"] for r in res["runs"]] == ["ok", "ok"] and len(passes) == 2, passes
+    held, freed = seen[-1]
+    assert len(held) == 4 and freed == [True], seen[-1]  # PatchCore reads blocks.2, .4 of both splits later
+
+
 @pytest.mark.parametrize(("d", "chunk"), [(152, 1000), (152, 7), (152, 1), (96, 250), (300, 1000)])
 def test_projection_of_chunks_is_the_projection_of_the_rows(d: int, chunk: int) -> None:
     from engine.components.coreset import coreset_projection, coreset_projection_chunks

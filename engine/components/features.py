@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -36,39 +37,62 @@ class _LRU:
         self.spill = spill_bytes
         self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.on_disk: set[str] = set()
+        # Handed over: the next get gives the tensor away and keeps only a weak reference, so it lives as long
+        # as its last reader holds it and is shared (not recomputed) while it does.
+        self.handed: set[str] = set()
+        self.weak: dict[str, weakref.ref[torch.Tensor]] = {}
         self.lock = threading.Lock()
 
     def get(self, key: str) -> torch.Tensor | None:
         with self.lock:
             t = self.items.get(key)
-            if t is not None:
+            if t is None:
+                ref = self.weak.get(key)
+                t = None if ref is None else ref()
+                if ref is not None and t is None:
+                    del self.weak[key]
+                return t
+            if key in self.handed:
+                self._forget(key)
+                self.weak[key] = weakref.ref(t)
+            else:
                 self.items.move_to_end(key)
             return t
+
+    def _forget(self, key: str) -> torch.Tensor | None:
+        self.on_disk.discard(key)
+        self.handed.discard(key)
+        self.weak.pop(key, None)
+        return self.items.pop(key, None)
 
     def put(self, key: str, t: torch.Tensor, on_disk: bool = False) -> None:
         """Keep `t`; on_disk: the disk cache holds it too, so it may be dropped first (above the spill limit)."""
         with self.lock:
+            self._forget(key)
             self.items[key] = t
-            self.items.move_to_end(key)
-            (self.on_disk.add if on_disk else self.on_disk.discard)(key)
+            if on_disk:
+                self.on_disk.add(key)
             total = sum(_nbytes(v) for v in self.items.values())
             for k in [k for k in self.items if k in self.on_disk and k != key]:  # oldest first
                 if total <= self.spill:
                     break
-                total -= _nbytes(self.items.pop(k))
-                self.on_disk.discard(k)
+                total -= _nbytes(self._forget(k))
             while total > self.limit and len(self.items) > 1:
-                k, old = self.items.popitem(last=False)
-                self.on_disk.discard(k)
-                total -= _nbytes(old)
+                k = next(iter(self.items))
+                total -= _nbytes(self._forget(k))
+
+    def hand_over(self, keys: list[str]) -> None:
+        """The next get of each of these keys is the last reader's: see `handed`."""
+        with self.lock:
+            self.handed.update(k for k in keys if k in self.items)
 
     def drop(self, keys: list[str]) -> None:
         with self.lock:
             for k in keys:
-                self.items.pop(k, None)
-                self.on_disk.discard(k)
+                self._forget(k)
 
     def keys(self) -> list[str]:
+        """Keys held (strongly) in memory."""
         with self.lock:
             return list(self.items)
 
@@ -76,6 +100,8 @@ class _LRU:
         with self.lock:
             self.items.clear()
             self.on_disk.clear()
+            self.handed.clear()
+            self.weak.clear()
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -129,6 +155,13 @@ def forget(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "effici
            weights: str = "auto") -> None:
     """Drop these features of `images` from the in-process cache (a disk copy stays): the run needs them no more."""
     _memory.drop([feature_key(images, backbone, weights, layer) for layer in layers])
+
+
+def hand_over(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "efficientnet_lite0",
+              weights: str = "auto") -> None:
+    """The next reader of these features of `images` is the run's last: the in-process cache gives them to it and
+    keeps only a weak reference, so they are freed when that reader lets go (a disk copy stays)."""
+    _memory.hand_over([feature_key(images, backbone, weights, layer) for layer in layers])
 
 
 def feature_key(images: ImageSet, backbone: str, weights: str, layer: str, digest: str | None = None) -> str:

@@ -51,6 +51,10 @@ class BaseDetector:
     # The method resizes whatever it gets to one fixed square (`size`): non-square images reach it as square tiles
     # of their short side instead of being squashed.
     square_input: ClassVar[bool] = False
+    # predict reads the shared test features in one extract_features call and drops them before it builds the
+    # maps: the runner may then hand the features over (features.hand_over) so they are freed as the method
+    # lets go of them, not after predict (PaDiM on mt: the 440 MB of test features beside the 171 MB of maps).
+    reads_test_features_once: ClassVar[bool] = False
     # Tiling of every image (set_tiling); not a constructor parameter (it is the same for every method), but it
     # changes results: the runner puts it in the run's cache key and save() stores it.
     tile: int | None = None

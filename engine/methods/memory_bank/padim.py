@@ -25,6 +25,8 @@ from engine.registry import register
 class PaDiM(BaseDetector):
     """Per-position multivariate Gaussian of normal patch embeddings; map = Mahalanobis distance."""
 
+    reads_test_features_once = True
+
     def __init__(self, backbone: str = "efficientnet_lite0", weights: str = "auto",
                  layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4"), n_features: int | None = None,
                  shrinkage: str = "fixed", eps: float = 0.01, sigma: float = 4.0, seed: int = 0):
@@ -76,6 +78,7 @@ class PaDiM(BaseDetector):
         h, w = feats[0].shape[-2:]
         total = sum(f.shape[1] for f in feats)
         dist = mahalanobis_chunks(h * w, self._rows(feats, total), self.mean_, self.precision_)  # (N, h·w)
+        del feats  # handed over by the runner: this frees them before the full-size maps are made
         maps = to_pixel_map(dist.reshape(-1, h, w), images.size, self.sigma)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
 
