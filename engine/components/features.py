@@ -154,14 +154,18 @@ def clear_memory_cache() -> None:
 def forget(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "efficientnet_lite0",
            weights: str = "auto") -> None:
     """Drop these features of `images` from the in-process cache (a disk copy stays): the run needs them no more."""
-    _memory.drop([feature_key(images, backbone, weights, layer) for layer in layers])
+    _memory.drop(_keys(images, layers, backbone, weights))
 
 
 def hand_over(images: ImageSet, layers: tuple[str, ...], *, backbone: str = "efficientnet_lite0",
               weights: str = "auto") -> None:
     """The next reader of these features of `images` is the run's last: the in-process cache gives them to it and
     keeps only a weak reference, so they are freed when that reader lets go (a disk copy stays)."""
-    _memory.hand_over([feature_key(images, backbone, weights, layer) for layer in layers])
+    _memory.hand_over(_keys(images, layers, backbone, weights))
+
+
+def _keys(images: ImageSet, layers: tuple[str, ...], backbone: str, weights: str) -> list[str]:
+    return [feature_key(images, backbone, weights, layer) for layer in layers]
 
 
 def feature_key(images: ImageSet, backbone: str, weights: str, layer: str, digest: str | None = None) -> str:

@@ -113,15 +113,12 @@ def mahalanobis_chunks(p: int, rows: Callable[[int, int], torch.Tensor], mean: t
     """
     d = mean.shape[1]
     out: torch.Tensor | None = None
-    with single_thread():
-        for s in range(0, p, chunk):
-            e = min(s + chunk, p)
-            diff = rows(s, e) - mean[s:e, None]  # (c, N, D)
-            left = torch.bmm(diff, unpack_symmetric(packed_precision[s:e], d))
-            dist = (left * diff).sum(-1).clamp_min_(0).sqrt_()  # (c, N)
-            if out is None:
-                out = torch.empty(dist.shape[1], p)
-            out[:, s:e] = dist.T
+    for s in range(0, p, chunk):
+        e = min(s + chunk, p)
+        dist = mahalanobis(rows(s, e).transpose(0, 1), mean[s:e], unpack_symmetric(packed_precision[s:e], d))
+        if out is None:
+            out = torch.empty(dist.shape[0], p)
+        out[:, s:e] = dist  # (N, c)
     if out is None:
         raise ValueError("no positions to score")
     return out

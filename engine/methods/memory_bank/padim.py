@@ -45,11 +45,11 @@ class PaDiM(BaseDetector):
         return extract_features(images, self.layers, backbone=self.backbone, weights=self.weights,
                                 device=self.device_, **kw)
 
-    def _rows(self, feats: list[torch.Tensor], total: int):
+    def _rows(self, feats: list[torch.Tensor]):
         """rows(s, e) -> (e − s, N, d): the embedding's samples at positions s..e of the first layer's grid
         (layers concatenated, nearest-resampled, channel subset applied), made a chunk at a time."""
         h, w = feats[0].shape[-2:]
-        subset = len(self.channels_) != total
+        subset = len(self.channels_) != sum(f.shape[1] for f in feats)
 
         def rows(s: int, e: int) -> torch.Tensor:
             x = gather_positions(feats, (h, w), torch.arange(s, e))  # a view of (N, total, e − s)
@@ -68,16 +68,15 @@ class PaDiM(BaseDetector):
         feats = self._features(train, progress)
         h, w = feats[0].shape[-2:]
         progress("gaussian", 0.0, {"positions": h * w})
-        self.mean_, self.precision_ = gaussian_fit_chunks(h * w, keep, self._rows(feats, total),
-                                                          shrinkage=self.shrinkage, eps=self.eps, packed=True)
+        self.mean_, self.precision_ = gaussian_fit_chunks(h * w, keep, self._rows(feats), shrinkage=self.shrinkage,
+                                                          eps=self.eps, packed=True)
         self.grid_ = (h, w)
         progress("gaussian", 1.0, {})
 
     def _predict(self, images: ImageSet) -> Prediction:
         feats = self._features(images)
         h, w = feats[0].shape[-2:]
-        total = sum(f.shape[1] for f in feats)
-        dist = mahalanobis_chunks(h * w, self._rows(feats, total), self.mean_, self.precision_)  # (N, h·w)
+        dist = mahalanobis_chunks(h * w, self._rows(feats), self.mean_, self.precision_)  # (N, h·w)
         del feats  # handed over by the runner: this frees them before the full-size maps are made
         maps = to_pixel_map(dist.reshape(-1, h, w), images.size, self.sigma)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
