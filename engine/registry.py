@@ -79,6 +79,8 @@ class MethodInfo:
     faithful: bool = True
     notes: str = ""
     trained: bool = False  # gradient-trained (uses train_loop): presets change its epochs
+    # trains in bf16 mixed precision on CPUs with AMX (engine.device.cpu_bf16), where that was measured faster
+    cpu_bf16: bool = False
     uses_backbone: bool = True
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # "fast" / "quality" -> params
     # Presets that shrink the paper's configuration to fit a CPU (DESIGN §3): runs with them are marked "reduced".
@@ -119,16 +121,21 @@ def register(
     uses_backbone: bool = True,
     presets: dict[str, dict[str, Any]] | None = None,
     reduced_presets: tuple[str, ...] = (),
+    cpu_bf16: bool = False,
 ) -> Callable[[type], type]:
     """Class decorator adding a Detector class to the registry under `name`.
 
     reduced_presets: the presets (of "test", "fast", "quality") that shrink the paper's configuration; a run
     with one of them is marked `"reduced": true` in its record and shown as "reduced".
+    cpu_bf16: the method's training runs in bf16 mixed precision on CPUs with AMX (engine.device.cpu_bf16); set
+    only where its training was measured faster so, with image AUROCs within a draw's spread.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILIES)}")
     if supervision not in ("none", "weak"):
         raise ValueError("supervision must be 'none' or 'weak'")
+    if cpu_bf16 and not trained:
+        raise ValueError("cpu_bf16 applies to trained methods only (it sets the precision of train_loop)")
     if set(reduced_presets) - {"test", "fast", "quality"}:
         raise ValueError(f"reduced_presets must name presets (test, fast, quality), got {reduced_presets}")
 
@@ -138,11 +145,12 @@ def register(
         _REGISTRY[name] = MethodInfo(
             name=name, family=family, localises=localises, supervision=supervision, paper=paper,
             summary=summary, faithful=faithful, notes=notes, trained=trained, uses_backbone=uses_backbone,
-            presets=dict(presets or {}), reduced_presets=tuple(reduced_presets), factory=cls,
+            presets=dict(presets or {}), reduced_presets=tuple(reduced_presets), cpu_bf16=cpu_bf16, factory=cls,
             module=cls.__module__, class_name=cls.__qualname__,
         )
         cls.method_name = name
         cls.family = family
+        cls.cpu_bf16 = cpu_bf16
         return cls
 
     return deco

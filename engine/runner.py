@@ -29,7 +29,7 @@ from engine.data import Dataset, discover, load_split
 from engine.data.geometry import DEFAULT_OVERLAP, DEFAULT_RESIZE, check_resize, check_tile, work_units
 from engine.data.loader import Shape, as_shape
 from engine.data.shift import normal_shift
-from engine.device import resolve_device
+from engine.device import resolve_device, train_precision
 from engine.heap import trim
 from engine.metrics import evaluate
 from engine.threads import job as thread_job
@@ -294,14 +294,18 @@ def check_geometry(cfg: RunConfig) -> None:
 
 
 def run_key(ds_digest: str, name: str, params: dict[str, Any], cfg: RunConfig, labeled: list[Any],
-            shape: tuple[int, int] | None = None) -> str:
+            shape: tuple[int, int] | None = None, precision: str = "fp32") -> str:
     """Cache key of a method's fitted model and predictions (DESIGN §8). `shape` (H, W) and the tiling enter it
-    only when they differ from a square image_size without tiles, so keys of square runs stay as they were."""
+    only when they differ from a square image_size without tiles, and the training precision only when it is not
+    fp32 on CPU (engine.device.train_precision), so keys of the earlier runs stay as they were."""
     wd = weights_description(params.get("backbone", cfg.backbone), params.get("weights", cfg.weights))
     size: Any = cfg.image_size
     if (shape is not None and shape[0] != shape[1]) or cfg.tile is not None:
         size = [list(shape or (cfg.image_size, cfg.image_size)), cfg.tile, cfg.tile_overlap]
-    return make_key("run", ds_digest, name, params, size, wd, ENGINE_VERSION, labeled)
+    parts: list[Any] = ["run", ds_digest, name, params, size, wd, ENGINE_VERSION, labeled]
+    if precision == "bf16-mixed":
+        parts.append("cpu-bf16")
+    return make_key(*parts)
 
 
 def load_prediction(record: dict[str, Any], cache: Cache | None = None) -> Prediction | None:
@@ -500,7 +504,9 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
         # the held-back rows join the key only when they differ from the labelled ones (a single K keeps its key)
         labeled = (unit.labeled_rows if unit.labeled_rows == unit.held_rows
                    else [unit.labeled_rows, unit.held_rows])
-        key = run_key(ds.digest, name, params, cfg, labeled, train.size)
+        # CUDA's mixed precision is not in the key (as before); bf16 on CPU is, so ADLAB_CPU_BF16=0 retrains
+        precision = train_precision("cpu", mi.cpu_bf16) if mi.trained and device == "cpu" else "fp32"
+        key = run_key(ds.digest, name, params, cfg, labeled, train.size, precision)
         rec["cache_key"] = key
         need_model = cfg.keep_models or save is not None
 

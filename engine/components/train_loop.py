@@ -2,8 +2,9 @@
 
 A method describes what to optimise as one or more `Objective`s (parameters + a loss over a batch of
 item indices); the loop owns epochs or a time budget, shuffling with the run's seed, a held-out slice
-of the normal images for early stopping, AdamW, mixed precision on CUDA and progress reports. Several
-objectives are stepped in order on every batch (e.g. a GAN's discriminator then its generator).
+of the normal images for early stopping, AdamW, mixed precision (CUDA; bf16 on CPUs with AMX for the methods
+that allow it) and progress reports. Several objectives are stepped in order on every batch (e.g. a GAN's
+discriminator then its generator).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from engine.api import MethodFailure, Progress, no_progress
-from engine.device import autocast, conv_layout
+from engine.device import conv_layout, train_autocast, train_precision
 from engine.threads import refresh as refresh_threads
 
 
@@ -67,6 +68,7 @@ class TrainResult:
     best_epoch: int = -1
     stopped: str = "epochs"  # "epochs" | "max_steps" | "early_stop" | "time_budget"
     steps: int = 0
+    precision: str = "fp32"  # engine.device.train_precision: "fp32" | "bf16-mixed" | "fp16-mixed"
 
     def summary(self) -> str:
         """One line for the run's notes, e.g. '600 steps in 2 epochs; stopped at the step cap (best epoch 2)'."""
@@ -74,7 +76,8 @@ class TrainResult:
                "early_stop": "stopped early (held-out loss no longer improving)",
                "time_budget": "stopped at the time budget"}.get(self.stopped, self.stopped)
         best = f", best epoch {self.best_epoch} kept" if self.best_epoch > 0 else ""
-        return f"{self.steps} steps in {len(self.history)} epochs, {self.seconds:.0f} s; {why}{best}"
+        prec = "" if self.precision == "fp32" else f" ({self.precision})"
+        return f"{self.steps} steps in {len(self.history)} epochs{prec}, {self.seconds:.0f} s; {why}{best}"
     seconds: float = 0.0
 
 
@@ -136,7 +139,7 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
     bs = cfg.cuda_batch_size if device.startswith("cuda") else cfg.batch_size
     opts = [_optimizer(o, cfg) for o in objs]
     all_params = [p for o in opts for grp in o.param_groups for p in grp["params"]]
-    res = TrainResult()
+    res = TrainResult(precision=train_precision(device))
     best = math.inf
     best_state: list[dict[str, torch.Tensor]] | None = None
     since_best = 0
@@ -164,10 +167,11 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
                         grp["lr"] = lr * f
             for k, (o, opt) in enumerate(zip(objs, opts, strict=True)):
                 opt.zero_grad(set_to_none=True)
-                with autocast(device):
+                with train_autocast(device):
                     loss = o.loss(idx)
                 if not torch.isfinite(loss):
-                    raise MethodFailure(f"training diverged: {o.name} became {float(loss)} in epoch {epoch + 1}")
+                    value = float(loss.detach())
+                    raise MethodFailure(f"training diverged: {o.name} became {value} in epoch {epoch + 1}")
                 loss.backward()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip)
@@ -181,7 +185,7 @@ def train_loop(objectives: Objective | list[Objective], n_items: int, cfg: Train
         for o, sm in zip(objs, sums, strict=True):
             rec[o.name] = sm / max(1, batches)
         if len(val_idx):
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), train_autocast(device):
                 v = float(val_loss(val_idx)) if val_loss else float(objs[0].loss(val_idx))
             rec["val_loss"] = v
             if v < best - cfg.min_delta:

@@ -36,7 +36,7 @@ from engine.api import (
 from engine.cache import ENGINE_VERSION, load_tensors, save_tensors
 from engine.components.tiling import TileGrid, make_grid, max_per_image, stitch_maps, tile_images
 from engine.data.geometry import DEFAULT_OVERLAP, check_tile
-from engine.device import resolve_device, seed_everything
+from engine.device import cpu_bf16_allowed, resolve_device, seed_everything
 
 
 class BaseDetector:
@@ -44,6 +44,7 @@ class BaseDetector:
 
     method_name: ClassVar[str] = "base"
     family: ClassVar[str] = ""
+    cpu_bf16: ClassVar[bool] = False  # set by the registry: trains in bf16 on CPUs with AMX (engine.device.cpu_bf16)
     requires_anomalies: ClassVar[bool] = False
 
     # Set by the runner / user; not a parameter (does not change results beyond float rounding).
@@ -131,8 +132,9 @@ class BaseDetector:
             )
         self.device_ = resolve_device(self.device)
         self.generator_ = seed_everything(int(getattr(self, "seed", 0)))
-        self._fit(self.working_images(train), None if anomalies is None else self.working_images(anomalies),
-                  progress or no_progress)
+        with cpu_bf16_allowed(self.cpu_bf16):
+            self._fit(self.working_images(train), None if anomalies is None else self.working_images(anomalies),
+                      progress or no_progress)
         self.image_size_ = train.size
         self.fitted_ = True
         return self

@@ -162,7 +162,7 @@ def window_starts(size: int, patch: int, stride: int) -> list[int]:
 
 
 @register(
-    family="autoencoder", name="autoencoder", localises=True, trained=True, uses_backbone=False,
+    family="autoencoder", name="autoencoder", localises=True, trained=True, cpu_bf16=True, uses_backbone=False,
     paper="Bergmann et al., VISAPP 2019 (SSIM autoencoder)",
     summary="Convolutional autoencoder trained from scratch on random patches of normal images with the SSIM "
             "loss (or L2); anomalies are where the reconstruction is structurally dissimilar.",

@@ -69,7 +69,7 @@ class FeatureCAE(nn.Module):
 
 
 @register(
-    family="autoencoder", name="dfr", localises=True, trained=True, uses_backbone=True,
+    family="autoencoder", name="dfr", localises=True, trained=True, cpu_bf16=True, uses_backbone=True,
     paper="Shi, Yang & Qi, Neurocomputing 2021 (DFR)",
     summary="Rebuilds multi-scale pretrained feature maps with a 1×1 convolutional autoencoder; anomalies are "
             "the cells whose features it cannot rebuild.",

@@ -127,7 +127,7 @@ def draem_loss(rec: torch.Tensor, clean: torch.Tensor, logits: torch.Tensor, mas
 
 
 @register(
-    family="autoencoder", name="draem", localises=True, trained=True, uses_backbone=False,
+    family="autoencoder", name="draem", localises=True, trained=True, cpu_bf16=True, uses_backbone=False,
     paper="Zavrtanik et al., ICCV 2021 (DRAEM)",
     summary="Learns to repair and segment synthetic defects pasted onto normal images: a reconstruction "
             "network plus a discriminative U-Net that compares the image with its repair.",

@@ -54,7 +54,7 @@ class SkipAE(nn.Module):
 
 
 @register(
-    family="autoencoder", name="skip_ae", localises=True, trained=True, uses_backbone=False,
+    family="autoencoder", name="skip_ae", localises=True, trained=True, cpu_bf16=True, uses_backbone=False,
     paper="Collin & De Vleeschouwer, ICPR 2020 (autoencoder with skip connections + Stain noise)",
     summary="Autoencoder with skip connections (sharp rebuilds) trained to remove synthetic stains from normal "
             "images, so it repaints defects instead of copying them.",

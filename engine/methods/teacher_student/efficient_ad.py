@@ -178,7 +178,7 @@ def colour_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 @register(
-    family="teacher_student", name="efficient_ad", localises=True, trained=True,
+    family="teacher_student", name="efficient_ad", localises=True, trained=True, cpu_bf16=True,
     paper="Batzner et al., WACV 2024",
     summary="Small patch description networks: a student imitates a distilled teacher (hard-feature loss) and an "
             "autoencoder catches logical anomalies; map = quantile-normalised discrepancies.",

@@ -163,7 +163,7 @@ def cosine_distance_map(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
           "flattens each map into one vector instead). Adam-style optimiser (AdamW, lr 5e-3, betas 0.5/0.999 as "
           "in the paper) with early stopping, and far fewer epochs than the paper's 200 on CPU. Map: sum of "
           "upsampled 1 − cos maps, Gaussian σ = 4; image score: the map's maximum, as in the paper.",
-    faithful=True, trained=True,
+    faithful=True, trained=True, cpu_bf16=True,
     presets={"test": {"epochs": 15},
              "fast": {"max_steps": 60, "epochs": 10},
              "quality": {"max_steps": 250, "epochs": 100, "patience": 15}},

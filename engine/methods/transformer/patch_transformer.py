@@ -225,7 +225,7 @@ def to_grid(f: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
           "at 224 px); finer stages are averaged over an odd window before resizing to the grid (the paper "
           "resizes bilinearly); single-class training. fast (reduced): 1 + 1 layers of width 128, 4 heads, "
           "feed-forward 512, at most 300 steps at lr 1e-3 instead of 1000 epochs at 1e-4.",
-    trained=True,
+    trained=True, cpu_bf16=True,
     presets={
         "test": {"epochs": 40, "max_steps": 120, "enc_layers": 1, "dec_layers": 1, "d_model": 64, "heads": 2,
                  "ff_dim": 256, "lr": 1e-3},
