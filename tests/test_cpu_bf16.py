@@ -12,7 +12,8 @@ from torch import nn
 
 from engine import registry
 from engine.api import ConfigError
-from engine.components.nets import blur_matrix, ssim_map
+from engine.components.anomaly_map import blur_matrix
+from engine.components.nets import ssim_map
 from engine.components.train_loop import Objective, TrainConfig, train_loop
 from engine.device import cpu_bf16, cpu_bf16_allowed, train_autocast, train_precision
 from engine.runner import RunConfig, run_key, run_methods
@@ -112,7 +113,7 @@ def test_a_run_in_bf16_is_marked_and_kept_apart(monkeypatch: pytest.MonkeyPatch,
 def test_the_blur_matrix_is_a_padded_gaussian_convolution(n: int, reflect: bool) -> None:
     if reflect and n <= 5:
         with pytest.raises(ValueError, match="reflect padding"):
-            blur_matrix(n, 11, 1.5, reflect=True)
+            blur_matrix(n, 1.5, 5, True)
         return
     t = torch.arange(-5, 6, dtype=torch.float64)
     k = torch.exp(-0.5 * (t / 1.5) ** 2)
@@ -120,7 +121,7 @@ def test_the_blur_matrix_is_a_padded_gaussian_convolution(n: int, reflect: bool)
     v = torch.rand(4, n, dtype=torch.float64)
     padded = F.pad(v[:, None], (5, 5), mode="reflect" if reflect else "replicate")
     want = F.conv1d(padded, k.view(1, 1, -1))[:, 0]
-    got = v @ blur_matrix(n, 11, 1.5, reflect=reflect, dtype=torch.float64)
+    got = v @ blur_matrix(n, 1.5, 5, reflect, torch.float64)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 

@@ -9,22 +9,30 @@ import torch
 import torch.nn.functional as F
 
 
-def gaussian_kernel1d(sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian of radius ceil(4σ)."""
-    r = max(1, int(math.ceil(4 * sigma)))
-    t = torch.arange(-r, r + 1, dtype=torch.float32)
+def gaussian_kernel1d(sigma: float, radius: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian, shape (2·radius + 1,); radius ceil(4σ) unless given (SSIM's window uses 5)."""
+    r = max(1, int(math.ceil(4 * sigma))) if radius is None else radius
+    t = torch.arange(-r, r + 1, dtype=dtype)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     return k / k.sum()
 
 
 @functools.lru_cache(maxsize=32)
-def blur_matrix(n: int, sigma: float) -> torch.Tensor:
-    """(n, n) matrix B such that x @ B blurs the last axis of x (…, n) with the Gaussian of `gaussian_kernel1d`,
-    the border reflected (replicated when n is not longer than the kernel's radius)."""
-    k = gaussian_kernel1d(sigma)
+def blur_matrix(n: int, sigma: float, radius: int | None = None, reflect: bool | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, n) matrix B such that x @ B blurs the last axis of x (…, n) with `gaussian_kernel1d(sigma, radius)`,
+    the border folded in: reflected (the edge sample not repeated), or replicated when reflect=False; by default
+    reflected unless n is not longer than the radius, where reflect=True is refused. Only the band
+    |i − j| ≤ radius (plus the folded border) is non-zero. Cached: the caller must not modify it.
+    """
+    k = gaussian_kernel1d(sigma, radius, dtype)
     r = k.numel() // 2
-    eye = F.pad(torch.eye(n)[:, None], (r, r), mode="reflect" if n > r else "replicate")  # (n, 1, n + 2r)
-    return F.conv1d(eye, k.view(1, 1, -1))[:, 0]
+    if reflect is None:
+        reflect = n > r
+    elif reflect and n <= r:
+        raise ValueError(f"reflect padding of {r} needs more than {r} samples, got {n}")
+    eye = F.pad(torch.eye(n, dtype=dtype)[:, None], (r, r), mode="reflect" if reflect else "replicate")
+    return F.conv1d(eye, k.view(1, 1, -1))[:, 0]  # row i: where sample i lands in each output, (n, n + 2r) → (n, n)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:

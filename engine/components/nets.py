@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.components.anomaly_map import blur_matrix
+
 
 @contextlib.contextmanager
 def evaluating(module: nn.Module) -> Iterator[nn.Module]:
@@ -208,39 +210,13 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 
     return _ssim(x, y, window, sigma, data_range)
 
 
-def blur_matrix(n: int, window: int, sigma: float, *, reflect: bool = True, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """(n, n) matrix B with `v @ B` = v blurred along its last axis by a normalised Gaussian of `window` taps.
-
-    The border is folded into B, so no padded copy of v is made: reflect padding (the edge sample not repeated;
-    needs n > window // 2) or, with reflect=False, replicate padding. Only the band |i − j| ≤ window // 2 (plus
-    the folded border) is non-zero.
-    """
-    r = window // 2
-    if reflect and n <= r:
-        raise ValueError(f"reflect padding of {r} needs more than {r} samples, got {n}")
-    t = torch.arange(-r, r + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    out = torch.arange(n).repeat_interleave(window)  # output position i, once per tap
-    src = out + torch.arange(-r, r + 1).repeat(n)  # the padded input position it reads
-    if reflect:
-        src = torch.where(src < 0, -src, src)
-        src = torch.where(src > n - 1, 2 * (n - 1) - src, src)
-    else:
-        src = src.clamp(0, n - 1)
-    b = torch.zeros(n, n, dtype=torch.float64)
-    b.index_put_((src, out), k.repeat(n), accumulate=True)
-    return b.to(dtype=dtype, device=device)
-
-
 def _ssim(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float, data_range: float) -> torch.Tensor:
     h, w = x.shape[-2:]
     # The Gaussian blur as two matrix products with the border folded in: one GEMM per axis for all five moments
     # at once, instead of a padded copy and a depthwise convolution pair per moment.
     reflect = min(h, w) > window // 2
-    bw = blur_matrix(w, window, sigma, reflect=reflect, dtype=x.dtype, device=x.device)
-    bh = blur_matrix(h, window, sigma, reflect=reflect, dtype=x.dtype, device=x.device)
+    bw = blur_matrix(w, sigma, window // 2, reflect, x.dtype).to(x.device)
+    bh = blur_matrix(h, sigma, window // 2, reflect, x.dtype).to(x.device)
     moments = torch.stack([x, y, x * x, y * y, x * y]).contiguous()  # (5, N, C, H, W)
     blurred = (moments @ bw).transpose(-1, -2) @ bh  # (5, N, C, W, H)
     mx, my, exx, eyy, exy = blurred.transpose(-1, -2).unbind(0)
@@ -253,5 +229,5 @@ def _ssim(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float, data_rang
     return s.mean(1)
 
 
-__all__ = ["ConvDecoder", "ConvEncoder", "Dropout", "blur_matrix", "conv_block", "down_block", "dropout",
+__all__ = ["ConvDecoder", "ConvEncoder", "Dropout", "conv_block", "down_block", "dropout",
            "dropout_mask", "ssim_map", "up_block"]
