@@ -11,7 +11,7 @@ Shapes used throughout:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -47,16 +47,24 @@ class _Pixels:
             raise AttributeError("images")
         px = obj.__dict__.get(self.slot)
         if px is None:
-            px = obj.reload()
-            if tuple(px.shape) != obj.__dict__["_shape"]:
-                raise RuntimeError(f"images read back with shape {tuple(px.shape)}, not {obj.__dict__['_shape']}: "
-                                   "the dataset's files changed during the run")
+            px = _read_back(obj, None)
             obj.__dict__[self.slot] = px
         return px
 
     def __set__(self, obj: Any, value: torch.Tensor) -> None:
         obj.__dict__[self.slot] = value
         obj.__dict__["_shape"] = tuple(value.shape)
+
+
+def _read_back(s: ImageSet, rows: range | None) -> torch.Tensor:
+    """Released pixels of `s` (all rows, or `rows`) read again through its `reload`, their shape checked."""
+    assert s.reload is not None
+    px = s.reload(rows)
+    want = s.shape if rows is None else (len(rows), *s.shape[1:])
+    if tuple(px.shape) != tuple(want):
+        raise RuntimeError(f"images read back with shape {tuple(px.shape)}, not {tuple(want)}: "
+                           "the dataset's files changed during the run")
+    return px
 
 
 @dataclass
@@ -78,8 +86,9 @@ class ImageSet:
     digest: str = ""
     # (digest of the full set, row indices) when this set is a subset: lets caches slice the full set's entries.
     origin: tuple[str, tuple[int, ...]] | None = None
-    # () -> the same (N, 3, H, W) uint8 pixels, read again from their files; None: the pixels cannot be released
-    reload: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    # (rows or None) -> those rows' (k, 3, H, W) uint8 pixels (None: all N), read again from their files;
+    # None: the pixels cannot be released
+    reload: Callable[[Sequence[int] | None], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[1] != 3:
@@ -116,6 +125,13 @@ class ImageSet:
             return False
         self.__dict__["_images"] = None
         return True
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """(k, 3, H, W) uint8 pixels of rows start..stop-1: a view of the held pixels, or, when they are released,
+        only those rows read from their files (not kept), so a pass in batches never holds the whole set."""
+        if self.held:
+            return self.images[start:stop]
+        return _read_back(self, range(start, min(stop, len(self))))
 
     @property
     def held(self) -> bool:

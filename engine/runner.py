@@ -480,8 +480,8 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
     later: the (backbone, weights, layer) features the runs after this one read; the others are dropped from
     memory once this run is done with them (the training split's after fit, the test split's after predict).
     pixels_later: whether a later run reads the images themselves; when none does and this one reads only shared
-    features, the splits' pixels are released once their features are made (ImageSet.release; read back from
-    the files if anything asks for them after all).
+    features, the splits' pixels are released before its backbone passes, which read them from the files a
+    batch at a time (ImageSet.release and .rows; read back whole if anything asks for them after all).
 
     The test split's features are made after fit, not with the training split's, so the two splits' features
     (and the fitted model beside both) are not held at once; the backbone seconds charged are the same. Weakly
@@ -533,14 +533,15 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
             # differently, and the features depend on the batch in their last bits).
             test_first = bool(layers) and mi.supervision == "weak"
             # A method that reads only the shared features, with no later run reading pixels, need not hold the
-            # images through fit and predict (on mt: 296 MB of uint8 beside the coreset's or Gaussians' peak).
+            # images at all (on mt: 296 MB of uint8 beside the coreset's or Gaussians' peak): each backbone pass
+            # reads its batches from the files.
             release = not pixels_later and not test_first and not _reads_pixels(mi, layers)
+            if release:
+                _release([train, test_all])
             if layers:
                 shared_fit_s = _warm_features(det, layers, "train", train, train, device, prog)
             if test_first:
                 shared_pred_s = _warm_features(det, layers, "test", test_all, test, device, prog)
-            if release:
-                _release([train, test_all])
             with _PeakMemory() as mem_fit:
                 prog("fit", 0.0)
                 t0 = time.perf_counter()

@@ -40,6 +40,17 @@ def test_gather_positions_gives_the_rows_and_the_sums_of_the_whole_embedding() -
     assert torch.equal(mean_a, mean_b) and torch.equal(prec_a, prec_b)
 
 
+@pytest.mark.parametrize("shrinkage", ["fixed", "ledoit_wolf"])
+def test_the_gaussians_do_not_depend_on_the_chunk(shrinkage: str) -> None:
+    """The fit's chunk only bounds its work space (8 positions by default; 64 took 4× the memory at PaDiM's peak)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 30, 12, generator=g) * torch.rand(12, generator=g)  # (P, N, D)
+    fits = [gaussian_fit_chunks(37, 12, lambda s, e: x[s:e], shrinkage=shrinkage, chunk=c, packed=True)
+            for c in (1, 8, 64)]
+    for mean, prec in fits[1:]:
+        assert torch.equal(mean, fits[0][0]) and torch.equal(prec, fits[0][1])
+
+
 def test_packed_precisions_score_as_the_full_ones() -> None:
     """PaDiM's precisions kept as triangles (half the memory) give the full matrices back to the bit, and the
     distances scored a chunk of positions at a time equal the whole-set `mahalanobis`."""
@@ -274,10 +285,15 @@ def test_imageset_pixels_released_and_read_back_to_the_bit() -> None:
     assert not _images(2).release(), "pixels made in memory cannot be released"
     again = pickle.loads(pickle.dumps(s))  # a set crosses to worker processes
     assert again.release() and torch.equal(again.images, before)
-    bad = ImageSet(images=before[:2], reload=lambda: before[:1])
+    assert again.release() and torch.equal(again.rows(3, 7), before[3:7]) and not again.held, "rows: not kept"
+    assert torch.equal(again.rows(len(before) - 2, len(before) + 5), before[-2:])
+    assert torch.equal(s.rows(1, 4), before[1:4]), "held pixels: a slice"
+    bad = ImageSet(images=before[:2], reload=lambda rows=None: before[:1])
     bad.release()
     with pytest.raises(RuntimeError, match="changed during the run"):
         _ = bad.images
+    with pytest.raises(RuntimeError, match="changed during the run"):
+        bad.rows(0, 2)
 
 
 def test_runner_releases_pixels_only_when_no_run_reads_them(monkeypatch) -> None:
@@ -286,11 +302,14 @@ def test_runner_releases_pixels_only_when_no_run_reads_them(monkeypatch) -> None
 
     monkeypatch.setenv("ADLAB_THREADS", "1")  # otherwise other adlab jobs on the machine change the count between runs
     held_at_fit: dict[str, list[bool]] = {}
+    held_in_pass: dict[str, set[bool]] = {}
     real = runner.RunConfig
 
     def progress_probe(method: str, stage: str, fraction: float | None, info: dict) -> None:
         if stage == "fit" and method not in held_at_fit:
             held_at_fit[method] = [s.held for s in runner._split_cache.values()]
+        if stage.startswith("features") and fraction is not None and fraction > 0:  # within a backbone pass
+            held_in_pass.setdefault(method, set()).update(s.held for s in runner._split_cache.values())
 
     def run(methods: list[str]) -> dict:
         runner._split_cache.clear()
@@ -300,8 +319,21 @@ def test_runner_releases_pixels_only_when_no_run_reads_them(monkeypatch) -> None
 
     alone = run(["padim"])
     assert held_at_fit.pop("padim") == [False, False]
+    assert held_in_pass.pop("padim") == {False}, "the passes read their batches from the files"
     before_trained = run(["padim", "fastflow"])
     assert held_at_fit["padim"] == [True, True]
     a, b = alone["runs"][0], before_trained["runs"][0]
     assert a["metrics"] == b["metrics"]
     assert [i["score"] for i in a["images"]] == [i["score"] for i in b["images"]]
+
+
+def test_the_cpu_inference_batch_shrinks_with_the_image_area() -> None:
+    from engine.device import CPU_BATCH_PIXELS, batch_size
+
+    assert batch_size("cpu") == 16 and batch_size("cuda:0", image_shape=(8, 3, 512, 512)) == 128
+    assert batch_size("cpu", image_shape=(40, 3, 64, 64)) == 16  # small images: the cap
+    assert batch_size("cpu", image_shape=(40, 3, 128, 128)) == CPU_BATCH_PIXELS // 128**2 == 16
+    assert batch_size("cpu", image_shape=(40, 3, 256, 256)) == 4
+    assert batch_size("cpu", image_shape=(40, 3, 288, 256)) == 3
+    assert batch_size("cpu", image_shape=(2, 3, 2048, 2048)) == 2  # never below two
+    assert batch_size("cpu", cpu=1, image_shape=(2, 3, 2048, 2048)) == 1

@@ -186,16 +186,18 @@ def _lookup(key: str, cache: Cache) -> torch.Tensor | None:
     return t
 
 
-def run_backbone(extractor: FeatureExtractor, images: torch.Tensor, device: str,
+def run_backbone(extractor: FeatureExtractor, images: torch.Tensor | ImageSet, device: str,
                  progress: Progress = no_progress, stage: str = "features") -> list[torch.Tensor]:
-    """Forward (N,3,H,W) uint8 or float images in batches; returns per-layer (N,C,h,w) float32 on CPU."""
+    """Forward (N,3,H,W) uint8 or float images in batches; returns per-layer (N,C,h,w) float32 on CPU.
+    An ImageSet whose pixels are released is read from its files a batch at a time (ImageSet.rows)."""
     n = images.shape[0]
-    bs = batch_size(device)
+    rows = images.rows if isinstance(images, ImageSet) else lambda a, b: images[a:b]
+    bs = batch_size(device, image_shape=tuple(images.shape))
     # Batches are written into the outputs (a list of batches then torch.cat held every layer twice at the end).
     outs: list[torch.Tensor] = []
     with torch.inference_mode(), autocast(device):
         for start in range(0, n, bs):
-            x = to_float_images(images[start:start + bs]).to(device, non_blocking=True)
+            x = to_float_images(rows(start, start + bs)).to(device, non_blocking=True)
             for i, f in enumerate(extractor(x)):
                 if len(outs) <= i:
                     with torch.inference_mode(False):  # ordinary tensors, as the caller had from torch.cat
@@ -256,7 +258,7 @@ def _compute(images: ImageSet, keys: dict[str, str], missing: list[str], found: 
     todo = tuple(sorted(set(missing) | set(shared), key=order.index))
     ext = get_extractor(backbone, todo, weights, device)
     t0 = time.perf_counter()
-    feats = run_backbone(ext, images.images, device, progress)
+    feats = run_backbone(ext, images, device, progress)
     secs = time.perf_counter() - t0
     for layer, f in zip(todo, feats, strict=True):
         k = feature_key(images, backbone, weights, layer)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -132,9 +133,35 @@ def load_split(ds: Dataset, split: str, image_size: Shape = 256, *, indices: lis
     )
 
 
-def _reload_pixels(ds: Dataset, split: str, image_size: Shape, indices: list[int] | None) -> torch.Tensor:
-    """The pixels load_split gave, read again from the files (ImageSet.release)."""
-    return load_split(ds, split, image_size, indices=indices).images
+def _reload_pixels(ds: Dataset, split: str, image_size: Shape, indices: list[int] | None,
+                   rows: Sequence[int] | None = None) -> torch.Tensor:
+    """The pixels load_split gave (only `rows` of them when given), read again from the files (ImageSet.release)."""
+    samples = ds.split(split)
+    chosen = list(range(len(samples))) if indices is None else indices
+    if rows is not None:
+        chosen = [chosen[r] for r in rows]
+    return read_pixels([samples[i].path for i in chosen], as_shape(image_size), "run discover again")
+
+
+def read_pixels(paths: list[str], shape: tuple[int, int], fix: str = "check the file") -> torch.Tensor:
+    """(N, 3, H, W) uint8 RGB of `paths` at `shape`, decoded and resized as load_split does. Raises
+    DataValidationError naming every file that cannot be read, with `fix` as what to do."""
+    n = len(paths)
+    images = np.zeros((n, *shape, 3), np.uint8)
+    problems: list[Problem] = []
+
+    def work(i: int) -> None:
+        try:
+            images[i] = _load_image(paths[i], shape)
+        except Exception as e:  # noqa: BLE001 - reported per file
+            problems.append(Problem(paths[i], f"cannot load ({type(e).__name__}: {e})", fix))
+
+    if n:
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 2, n))) as pool:
+            list(pool.map(work, range(n)))
+    if problems:
+        raise DataValidationError(sorted(problems, key=lambda p: p.path))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
 def load_files(paths: list[str], image_size: Shape) -> ImageSet:
@@ -146,19 +173,6 @@ def load_files(paths: list[str], image_size: Shape) -> ImageSet:
     """
     shape = as_shape(image_size)
     n = len(paths)
-    images = np.zeros((n, *shape, 3), np.uint8)
-    problems: list[Problem] = []
-
-    def work(i: int) -> None:
-        try:
-            images[i] = _load_image(paths[i], shape)
-        except Exception as e:  # noqa: BLE001 - reported per file
-            problems.append(Problem(paths[i], f"cannot load ({type(e).__name__}: {e})", "check the file"))
-
-    if n:
-        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 2, n))) as pool:
-            list(pool.map(work, range(n)))
-    if problems:
-        raise DataValidationError(sorted(problems, key=lambda p: p.path))
-    return ImageSet(images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), paths=list(paths),
+    images = read_pixels(list(paths), shape)
+    return ImageSet(images=images, paths=list(paths),
                     defect_types=["unknown"] * n)
