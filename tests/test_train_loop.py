@@ -84,13 +84,15 @@ def test_the_loop_uses_the_optimiser_a_method_asks_for() -> None:
     import pytest
     import torch
 
+    from engine.components import optim
     from engine.components.train_loop import Objective, TrainConfig, _optimizer
 
     p = torch.nn.Parameter(torch.zeros(3))
     sgd = _optimizer(Objective([p], lambda i: p.sum()), TrainConfig(optimizer="sgd", lr=0.4, momentum=0.9,
                                                                     weight_decay=1e-4))
-    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9 and sgd.defaults["lr"] == 0.4
-    assert isinstance(_optimizer(Objective([p], lambda i: p.sum()), TrainConfig()), torch.optim.AdamW)
+    grp = sgd.param_groups[0]
+    assert isinstance(sgd, optim.SGD) and grp["momentum"] == 0.9 and grp["lr"] == 0.4 and grp["weight_decay"] == 1e-4
+    assert isinstance(_optimizer(Objective([p], lambda i: p.sum()), TrainConfig()), optim.AdamW)
     with pytest.raises(ValueError, match="use 'adamw' or 'sgd'"):
         _optimizer(Objective([p], lambda i: p.sum()), TrainConfig(optimizer="adam"))
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from engine.api import MethodFailure, Progress, no_progress
+from engine.components import optim
 from engine.device import conv_layout, train_autocast, train_precision
 from engine.threads import refresh as refresh_threads
 
@@ -113,12 +114,12 @@ def lr_factor(step: int, total_steps: int, milestones: tuple[float, ...], gamma:
     return gamma ** sum(step >= round(m * total_steps) for m in milestones)
 
 
-def _optimizer(o: Objective, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(o: Objective, cfg: TrainConfig) -> optim.AdamW | optim.SGD:
     lr = o.lr or cfg.lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(list(o.params), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return optim.SGD(list(o.params), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(list(o.params), lr=lr, weight_decay=cfg.weight_decay, betas=o.betas)
+        return optim.AdamW(list(o.params), lr=lr, weight_decay=cfg.weight_decay, betas=o.betas)
     raise ValueError(f"optimizer {cfg.optimizer!r}: use 'adamw' or 'sgd'")
 
 
