@@ -54,7 +54,8 @@ def _fmt(v: Any, nd: int = 3) -> str:
 def print_table(results: dict[str, Any]) -> None:
     """A plain-text table of the runs."""
     # F1max: the best F1 over all thresholds (image_f1_max), chosen on the test images themselves
-    cols = ["method", "status", "img AUROC", "img AP", "F1max", "pix AUROC", "AUPRO", "fit s", "pred s", "img/s"]
+    cols = ["method", "status", "img AUROC", "img AP", "F1max", "pix AUROC", "AUPRO", "fit s", "pred s", "img/s",
+            "trained in"]
     rows = []
     for r in results["runs"]:
         m = r.get("metrics") or {}
@@ -62,7 +63,7 @@ def print_table(results: dict[str, Any]) -> None:
         rows.append([r.get("label", r["method"]) + (" (cached)" if r.get("cached") else ""), r["status"],
                      _fmt(m.get("image_auroc")), _fmt(m.get("image_ap")), _fmt(m.get("image_f1_max")),
                      _fmt(m.get("pixel_auroc")), _fmt(m.get("pixel_aupro")), _fmt(t.get("fit_s"), 2),
-                     _fmt(t.get("predict_s"), 2), _fmt(t.get("images_per_s"), 1)])
+                     _fmt(t.get("predict_s"), 2), _fmt(t.get("images_per_s"), 1), r.get("train_precision") or "-"])
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for row in rows:

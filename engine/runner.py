@@ -508,11 +508,14 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
         precision = train_precision("cpu", mi.cpu_bf16) if device == "cpu" else "fp32"
         key = run_key(ds.digest, name, params, cfg, labeled, train.size, precision)
         rec["cache_key"] = key
+        # the precision of the training steps, for tables (None: nothing trained); the note says it too
+        rec["train_precision"] = (precision if device == "cpu" else train_precision(device)) if mi.trained else None
         need_model = cfg.keep_models or save is not None
 
         def from_cache(stored: dict[str, Any]) -> dict[str, Any]:
             # the same params may come from another preset; the label depends on the other runs of this call
             stored.update(preset=rec["preset"], reduced=rec["reduced"], label=unit.label, labeled_k=unit.k)
+            stored.setdefault("train_precision", rec["train_precision"])  # the key holds it; older records lack it
             if save is not None:
                 _save_model(save, stored, cache=cache)
             prog("done", 1.0, {"cached": True})

@@ -106,6 +106,19 @@ def test_a_run_in_bf16_is_marked_and_kept_apart(monkeypatch: pytest.MonkeyPatch,
     assert bf["autoencoder"]["cache_key"] != fp["autoencoder"]["cache_key"]  # switching it off retrains, never reuses
     assert "bf16" not in bf["deep_svdd"]["run_notes"]["training"]  # not opted in: fp32 either way
     assert bf["deep_svdd"]["cache_key"] == fp["deep_svdd"]["cache_key"]
+    assert (bf["autoencoder"]["train_precision"], fp["autoencoder"]["train_precision"]) == ("bf16-mixed", "fp32")
+    assert bf["deep_svdd"]["train_precision"] == "fp32"
+
+
+def test_the_cli_table_says_how_each_method_trained(capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.cli import print_table
+
+    runs = [{"method": m, "status": "ok", "metrics": {"image_auroc": 0.9}, "timing": {}, "train_precision": p}
+            for m, p in (("autoencoder", "bf16-mixed"), ("vae", "fp32"), ("padim", None))]
+    print_table({"runs": runs})
+    lines = capsys.readouterr().out.splitlines()
+    assert "trained in" in lines[0]
+    assert lines[1].split()[-1] == "bf16-mixed" and lines[2].split()[-1] == "fp32" and lines[3].split()[-1] == "-"
 
 
 @pytest.mark.parametrize("n", [3, 6, 40])
