@@ -119,7 +119,7 @@ def batch_size(device: str, cpu: int = 16, cuda: int = 128, image_shape: tuple[i
     if image_shape is None:
         return cpu
     h, w = image_shape[-2:]
-    return max(1, min(cpu, max(2, CPU_BATCH_PIXELS // max(1, int(h) * int(w)))))
+    return min(cpu, max(2, CPU_BATCH_PIXELS // max(1, int(h) * int(w))))
 
 
 def seed_everything(seed: int) -> torch.Generator:

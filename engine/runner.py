@@ -505,11 +505,11 @@ def _run_one(unit: _Unit, mi: registry.MethodInfo, cfg: RunConfig, device: str, 
         labeled = (unit.labeled_rows if unit.labeled_rows == unit.held_rows
                    else [unit.labeled_rows, unit.held_rows])
         # CUDA's mixed precision is not in the key (as before); bf16 on CPU is, so ADLAB_CPU_BF16=0 retrains
-        precision = train_precision("cpu", mi.cpu_bf16) if device == "cpu" else "fp32"
+        # the precision of the training steps, for tables (None: nothing trained); the note says it too
+        rec["train_precision"] = train_precision(device, mi.cpu_bf16) if mi.trained else None
+        precision = rec["train_precision"] if device == "cpu" and mi.trained else "fp32"
         key = run_key(ds.digest, name, params, cfg, labeled, train.size, precision)
         rec["cache_key"] = key
-        # the precision of the training steps, for tables (None: nothing trained); the note says it too
-        rec["train_precision"] = (precision if device == "cpu" else train_precision(device)) if mi.trained else None
         need_model = cfg.keep_models or save is not None
 
         def from_cache(stored: dict[str, Any]) -> dict[str, Any]:

@@ -36,10 +36,16 @@ class _Optimizer:
                 else:
                     p.grad.detach_().zero_()
 
-    @staticmethod
-    def _with_grads(group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        ps = [p for p in group["params"] if p.grad is not None]
-        return ps, [p.grad for p in ps]
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every parameter that has a gradient (the others are skipped, as torch skips them)."""
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if ps:
+                self._update(group, ps, [p.grad for p in ps])
+
+    def _update(self, group: dict[str, Any], ps: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        raise NotImplementedError
 
 
 class AdamW(_Optimizer):
@@ -51,31 +57,26 @@ class AdamW(_Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            ps, grads = self._with_grads(group)
-            if not ps:
-                continue
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            states = [self.state.setdefault(p, {}) for p in ps]
-            for p, st in zip(ps, states, strict=True):
-                if not st:
-                    st.update(step=0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                              exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
-                st["step"] += 1
-            m = [st["exp_avg"] for st in states]
-            v = [st["exp_avg_sq"] for st in states]
-            if wd != 0:
-                torch._foreach_mul_(ps, 1 - lr * wd)
-            torch._foreach_lerp_(m, grads, 1 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, 1 - b2)
-            steps = [float(st["step"]) for st in states]
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, [(1 - b2**t) ** 0.5 for t in steps])
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(ps, m, denom, [-(lr / (1 - b1**t)) for t in steps])
+    def _update(self, group: dict[str, Any], ps: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        states = [self.state.setdefault(p, {}) for p in ps]
+        for p, st in zip(ps, states, strict=True):
+            if not st:
+                st.update(step=0, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                          exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+            st["step"] += 1
+        m = [st["exp_avg"] for st in states]
+        v = [st["exp_avg_sq"] for st in states]
+        if wd != 0:
+            torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, 1 - b2)
+        steps = [float(st["step"]) for st in states]
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [(1 - b2**t) ** 0.5 for t in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, m, denom, [-(lr / (1 - b1**t)) for t in steps])
 
 
 class SGD(_Optimizer):
@@ -86,27 +87,20 @@ class SGD(_Optimizer):
                  weight_decay: float = 0.0):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
-    @torch.no_grad()
-    def step(self) -> None:
-        for group in self.param_groups:
-            ps, grads = self._with_grads(group)
-            if not ps:
-                continue
-            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            if wd != 0:
-                grads = torch._foreach_add(grads, ps, alpha=wd)
-            if mom != 0:
-                bufs = []
-                for p, g in zip(ps, grads, strict=True):
-                    st = self.state.setdefault(p, {})
-                    if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = g.detach().clone()
-                        bufs.append(None)
-                    else:
-                        bufs.append(st["momentum_buffer"])
-                old = [(b, g) for b, g in zip(bufs, grads, strict=True) if b is not None]
-                if old:
-                    torch._foreach_mul_([b for b, _ in old], mom)
-                    torch._foreach_add_([b for b, _ in old], [g for _, g in old])
-                grads = [self.state[p]["momentum_buffer"] for p in ps]
-            torch._foreach_add_(ps, grads, alpha=-lr)
+    def _update(self, group: dict[str, Any], ps: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        if wd != 0:
+            grads = torch._foreach_add(grads, ps, alpha=wd)
+        if mom != 0:
+            old: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, gradient) of parameters stepped before
+            for p, g in zip(ps, grads, strict=True):
+                st = self.state.setdefault(p, {})
+                if "momentum_buffer" in st:
+                    old.append((st["momentum_buffer"], g))
+                else:
+                    st["momentum_buffer"] = g.detach().clone()
+            if old:
+                torch._foreach_mul_([b for b, _ in old], mom)
+                torch._foreach_add_([b for b, _ in old], [g for _, g in old])
+            grads = [self.state[p]["momentum_buffer"] for p in ps]
+        torch._foreach_add_(ps, grads, alpha=-lr)
