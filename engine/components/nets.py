@@ -46,24 +46,36 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device | str = 
     CPU this is about 3× faster than torch's Bernoulli sampling, which draws one double per element (UniAD's
     attention dropout was half of its training step).
     """
+    return _uniform16(shape, device) >= _threshold16(p)
+
+
+def _uniform16(shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """Uniform int16 of `shape` (all 2¹⁶ values equally likely), four per 64-bit draw of the default generator."""
     n = math.prod(shape)
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    threshold = round(p * 2**16) - 2**15
-    return words.view(torch.int16)[:n].view(shape) >= threshold
+    return words.view(torch.int16)[:n].view(shape)
+
+
+def _threshold16(p: float) -> int:
+    """The int16 at or above which a `_uniform16` value is kept: P(kept) = 1 − p to within 2⁻¹⁷."""
+    return round(p * 2**16) - 2**15
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout, (...) -> (...): zero each element with probability p and scale the rest by 1 / (1 − p)
     while training; identity otherwise. `F.dropout` on CUDA; on CPU with `dropout_mask`'s faster sampling and
     the mask as a scaled float tensor (a product with it is about 3× faster than `torch.where` with a bool one,
-    here and in the backward pass)."""
+    here and in the backward pass), compared straight into x's dtype: converting a bool tensor costs 5× more
+    than the comparison that makes it (2M elements: 5.5 ms)."""
     if not training or p <= 0:
         return x
     if p >= 1:
         return torch.zeros_like(x)
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
-    return x * dropout_mask(tuple(x.shape), p, x.device).to(x.dtype).mul_(1.0 / (1.0 - p))
+    mask = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ge(_uniform16(tuple(x.shape), x.device), _threshold16(p), out=mask)
+    return x * mask.mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Module):
