@@ -228,7 +228,8 @@ def _unit_record(p: _Planned, run: dict[str, Any], wall_s: float | None, host: s
                 "dataset_path": p.dataset["path"], "dataset_digest": p.dataset["digest"],
                 "results": results_path(p.dataset["name"], u.seed), "cached": bool(run.get("cached")),
                 "wall_s": wall_s, "host": host, "faithful": run.get("faithful", True),
-                "label": p.label or u.method, "labeled_k": u.only_k})
+                "label": p.label or u.method, "labeled_k": u.only_k,
+                "train_precision": run.get("train_precision")})  # how its network was trained; None: no training
     return rec
 
 

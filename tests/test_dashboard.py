@@ -183,6 +183,9 @@ def test_run_notes_reach_the_tables() -> None:
     assert "WARNING mode collapse" in df.loc[0, "notes"]
     assert not df.loc[0, "reduced"]
     assert services.metrics_table({"runs": [{**run, "reduced": True}]}).loc[0, "reduced"]
+    assert df.loc[0, "trained in"] is None  # an old record without the field
+    assert services.metrics_table({"runs": [{**run, "train_precision": "bf16-mixed"}]}).loc[0, "trained in"] == \
+        "bf16-mixed"
 
 
 def test_quality_preset_on_cpu_warns_about_time() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import registry
 from engine.api import ConfigError
 from engine.cli import main
 from engine.executors import LocalExecutor, run_unit
@@ -35,6 +36,7 @@ def test_sweep_cli_writes_units_isolates_a_bad_dataset_and_resumes(tmp_path: Pat
         assert res["dataset"]["name"] == "brick" and res["config"]["seed"] == u["seed"]
         assert [r["unit_key"] for r in res["runs"]] == [u["key"]]
         assert res["runs"][0]["metrics"] == u["metrics"]
+        assert u["train_precision"] is None and "train_precision" in res["runs"][0]  # PaDiM trains nothing
     assert doc["complete"] is True and doc["progress"]["failed"] == 2
 
     seen: list[SweepProgress] = []
@@ -102,6 +104,13 @@ def test_ray_gives_the_local_executors_metrics(tmp_path: Path) -> None:
     key = [(u["dataset"], u["method"], u["seed"]) for u in local["units"]]
     assert key == [(u["dataset"], u["method"], u["seed"]) for u in remote["units"]]
     assert [u["metrics"] for u in remote["units"]] == [u["metrics"] for u in local["units"]]
+    # each unit says how its network was trained, as its run record does (the CPU default for each method)
+    from engine.device import train_precision
+
+    want = {m: train_precision("cpu", registry.info(m).cpu_bf16) if registry.info(m).trained else None
+            for m in ("padim", "patchcore", "autoencoder")}
+    assert all(u["train_precision"] == want[u["method"]] for u in local["units"] + remote["units"])
+    assert want["autoencoder"] is not None
     # the seed matters for the trained method, so equal metrics are not just every seed giving the same numbers
     ae = {(u["dataset"], u["seed"]): u["metrics"]["pixel_auroc"]
           for u in local["units"] if u["method"] == "autoencoder"}

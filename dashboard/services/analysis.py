@@ -44,7 +44,8 @@ def metrics_table(results: dict[str, Any] | None) -> pd.DataFrame:
             "image AP": m.get("image_ap"), "F1-max": m.get("image_f1_max"),
             "pixel AUROC": m.get("pixel_auroc"), "AUPRO": m.get("pixel_aupro"),
             "fit s": t.get("fit_s"), "predict s": t.get("predict_s"), "images/s": t.get("images_per_s"),
-            "peak MB": t.get("peak_mem_mb"), "faithful": r.get("faithful", True),
+            "peak MB": t.get("peak_mem_mb"), "trained in": r.get("train_precision"),
+            "faithful": r.get("faithful", True),
             "reduced": bool(r.get("reduced", False)), "weights": r.get("weights"),
             "notes": run_notes_text(r) or None, "error": r.get("error"),
         })
