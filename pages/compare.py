@@ -76,9 +76,9 @@ num["F1-max"] = st.column_config.NumberColumn(
 num.update({c: st.column_config.NumberColumn(c, format="%.2f") for c in ("fit s", "predict s", "images/s")})
 num["peak MB"] = st.column_config.NumberColumn("peak MB", format="%.0f")
 num["trained in"] = st.column_config.TextColumn(
-    "trained in", help="The precision of the method's training steps: fp32, or bf16 / fp16 mixed precision where "
-                       "the hardware runs it natively and the method was measured to lose nothing by it; empty "
-                       "for methods without training")
+    "trained in", help="The precision of the method's training steps: fp32, or mixed precision (bf16 / fp16) on "
+                       "a GPU, and bf16 on CPUs that run it natively for the methods measured to lose nothing by "
+                       "it; empty for methods without training")
 st.dataframe(df, hide_index=True, width="stretch", column_config=num)
 for _, row in df[df["status"].str.startswith("failed")].iterrows():
     st.error(f"**{row['method']}** failed: {row['error']}")
