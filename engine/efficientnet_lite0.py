@@ -4,8 +4,9 @@ timm builds the same network, but importing timm pulls in torchvision, whose ops
 about 195 MB of resident memory and 3 s of start-up in every process that only needs the default backbone's
 features. This module has timm's parameter names and order (`conv_stem`, `bn1`, `blocks.i.j.*`, `conv_head`,
 `bn2`, `classifier`), so the bundled weights load onto either, and the same operations in the same order, so its
-features equal timm's `features_only` ones to the bit (tested). Other backbones, random initialisation (a trained
-student) and hub weights still go through timm.
+features equal timm's `features_only` ones to the bit (tested). A random Lite0 (a student trained from scratch) is
+built here too, with EfficientNet's own initialisation (`init_random_`, the scheme timm follows; not timm's random
+stream); other backbones and hub weights still go through timm.
 
 Architecture (Tan & Le 2019, the Lite variant): a 3×3 stride-2 stem to 32 channels; seven stages of depthwise /
 inverted-residual blocks (no squeeze-excitation), ReLU6 everywhere, BatchNorm eps 1e-5, symmetric k//2 padding;
@@ -13,6 +14,8 @@ a 1×1 head to 1280 channels and a 1000-way classifier (kept only so the state_d
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -138,3 +141,24 @@ class EfficientNetLite0Features(EfficientNetLite0):
             if i in self._take:
                 out.append(x)
         return out
+
+
+def init_random_(model: nn.Module) -> nn.Module:
+    """EfficientNet's random initialisation (the TensorFlow reference's, which timm follows), in place, module by
+    module in order; returns `model`. Convolution weights ~ N(0, 2 / fan_out), fan_out = k_h·k_w·out_channels /
+    groups; BatchNorm weight 1, bias 0; Linear weight ~ U(±1 / sqrt(out_features)), bias 0. Draws from torch's
+    global generator (seed it first for a reproducible network)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            bound = 1.0 / math.sqrt(m.out_features)
+            nn.init.uniform_(m.weight, -bound, bound)
+            nn.init.zeros_(m.bias)
+    return model

@@ -308,7 +308,7 @@ class EfficientAD(BaseDetector):
         targets = self._targets(train, progress)
         c = targets.shape[1]
         self.train_size_ = (h, w)
-        # Re-seed: building the backbone on a feature-cache miss draws from the global RNG (timm's init).
+        # Re-seed: the networks' initial weights depend on the seed alone, not on what drew from the RNG before.
         torch.manual_seed(self.seed)
         self._build(c, (h, w))
         imgs = train.images  # uint8 on CPU; batches are converted on the fly
