@@ -9,7 +9,9 @@ by the other workers from the disk cache (the cache's inter-process lock); a met
 dies, fails only the methods of its own group.
 
 The groups are balanced with the time estimates of earlier runs on this machine (`engine.estimates`), longest
-first; a method never measured here counts as a typical trained method (or a typical backbone-only one).
+first; a method never measured here counts as a typical trained method (or a typical backbone-only one). Each
+group then runs its cheapest methods first: the total is the same, and the first records (the memory-bank
+methods, seconds each) arrive at once instead of after the trained ones ahead of them in the list.
 Results differ from a one-process run only where the thread count changes them (a trained method's float sums
 run in another order at 1 thread than at 2; `ADLAB_THREADS` fixes the count either way).
 """
@@ -34,8 +36,8 @@ PRIOR_OTHER_S = 2.0
 def balance(costs: Sequence[tuple[str, float]], groups: int) -> list[list[str]]:
     """Split (name, seconds) into at most `groups` non-empty groups of near-equal total seconds.
 
-    Longest first, each to the group with the least total so far (ties: the lower group); each group keeps the
-    given order of its names. Returns [[name, ...], ...] in group order.
+    Longest first, each to the group with the least total so far (ties: the lower group); each group is in the
+    order it should run: cheapest first, equal costs in the given order. Returns [[name, ...], ...] in group order.
     """
     if groups < 1:
         raise ValueError(f"groups must be ≥ 1, got {groups}")
@@ -46,7 +48,8 @@ def balance(costs: Sequence[tuple[str, float]], groups: int) -> list[list[str]]:
         g = min(range(len(bins)), key=lambda i: (totals[i], i))
         bins[g].append(name)
         totals[g] += max(0.0, secs)
-    return [sorted(b, key=order.__getitem__) for b in bins if b]
+    cost = dict(costs)
+    return [sorted(b, key=lambda name: (cost[name], order[name])) for b in bins if b]
 
 
 def method_costs(cfg: Any, n_train: int, n_test: int, shape: tuple[int, int], device: str) -> list[tuple[str, float]]:
