@@ -23,7 +23,6 @@ import hashlib
 import os
 import zipfile
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 from engine.api import DataValidationError, Problem
 from engine.data.archive import extract_zip, is_hidden_name
 from engine.data.geometry import DEFAULT_RESIZE, SizeSummary, default_side, summarize_sizes, working_shape
+from engine.data.inspections import inspect_files
 from engine.data.limits import DEFAULT_LIMITS, IMAGE_EXTENSIONS, Limits
 from engine.data.validate import MASK_NONBINARY, MASK_ZERO_ONE, Inspection, inspect_file
 
@@ -341,9 +341,9 @@ def _workers() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
-def _inspect_all(paths: list[tuple[Path, bool]], limits: Limits) -> list[Inspection]:
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        return list(pool.map(lambda a: inspect_file(a[0], limits, mask=a[1]), paths))
+def _inspect_all(paths: list[tuple[Path, bool]], limits: Limits, root: Path) -> list[Inspection]:
+    """Every file read, hashed and decoded, except those unchanged since an earlier discovery (`inspections`)."""
+    return inspect_files(paths, limits, root, _workers(), inspect=inspect_file)
 
 
 # ---------------------------------------------------------------------------------------------- discover
@@ -392,7 +392,7 @@ def _discover_folder(root: Path, name: str, show: Callable[[Path], str], limits:
         raise DataValidationError(c.problems)
 
     jobs = [(s.path, False) for s in planned] + [(m, True) for m in mask_files]
-    results = _inspect_all(jobs, limits)
+    results = _inspect_all(jobs, limits, root)
     info: dict[Path, Inspection] = {p: r for (p, _), r in zip(jobs, results, strict=True)}
     for (p, _), r in zip(jobs, results, strict=True):
         if r.error is not None:
