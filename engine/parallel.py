@@ -9,7 +9,7 @@ by the other workers from the disk cache (the cache's inter-process lock); a met
 dies, fails only the methods of its own group.
 
 The groups are balanced with the time estimates of earlier runs on this machine (`engine.estimates`), longest
-first; a method never measured here counts as a typical trained method (or a typical backbone-only one). Each
+first; a method never measured here counts what it took on a reference machine (`PRIOR_FAST_S`). Each
 group then runs its cheapest methods first: the total is the same, and the first records (the memory-bank
 methods, seconds each) arrive at once instead of after the trained ones ahead of them in the list.
 Results differ from a one-process run only where the thread count changes them (a trained method's float sums
@@ -18,6 +18,7 @@ run in another order at 1 thread than at 2; `ADLAB_THREADS` fixes the count eith
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -28,9 +29,31 @@ from engine.api import AdlabError
 
 RunProgress = Callable[[str, str, float | None, dict[str, Any]], None]
 
-# Seconds a method never measured here is taken to cost when the groups are balanced: only the ratio matters.
-PRIOR_TRAINED_S = 20.0
+# Seconds a method never measured here is taken to cost when the groups are balanced: only the ratios matter.
+# Own seconds of each unsupervised method in the fast preset on mpdd/metal_plate (41 training, 110 test images) at
+# 128 and 256 px, one thread per worker (benchmarks/bench_comparison.py --jobs 2, 2-core Xeon, session 11). At
+# other sides a method's seconds follow the power of the side that its two points give (the methods that resize
+# to a working size of their own barely change). Balancing a cold cache by these instead of one figure for every
+# trained method: the longer group of that run would have ended 535 s instead of 596 s (256 px).
+PRIOR_FAST_S: dict[str, tuple[float, float]] = {
+    "efficient_ad": (21.9, 75.5), "reverse_distillation": (7.1, 25.0), "stfpm": (21.6, 82.2),
+    "uninformed_students": (58.8, 211.8), "deep_svdd": (3.6, 12.1), "fcdd": (3.4, 11.4), "patch_svdd": (31.0, 29.5),
+    "cflow": (9.1, 32.0), "cs_flow": (25.9, 60.6), "fastflow": (9.8, 32.4), "cfa": (1.5, 9.7), "gcpf": (3.0, 13.0),
+    "padim": (2.5, 12.8), "patchcore": (0.5, 1.7), "spade": (2.2, 7.2), "autoencoder": (30.1, 29.0),
+    "dfr": (22.0, 88.2), "draem": (70.7, 66.8), "memae": (53.7, 58.7), "skip_ae": (65.7, 63.0), "vae": (37.7, 33.4),
+    "ganomaly": (43.0, 43.1), "uniad": (71.2, 70.8),
+}
+PRIOR_TRAINED_S = 20.0  # any other method at 128 px (the quality preset, weakly supervised methods), ~ side²
 PRIOR_OTHER_S = 2.0
+
+
+def prior_seconds(name: str, trained: bool, side: int, preset: str) -> float:
+    """A guess of the seconds `name` takes at `side` px in `preset`, for balancing only (never shown as a time)."""
+    ref = PRIOR_FAST_S.get(name) if preset != "quality" else None
+    if ref is None:
+        return (PRIOR_TRAINED_S if trained else PRIOR_OTHER_S) * (side / 128) ** 2
+    at128, at256 = ref
+    return at128 * (side / 128) ** math.log2(at256 / at128)
 
 
 def balance(costs: Sequence[tuple[str, float]], groups: int) -> list[list[str]]:
@@ -54,7 +77,7 @@ def balance(costs: Sequence[tuple[str, float]], groups: int) -> list[list[str]]:
 
 def method_costs(cfg: Any, n_train: int, n_test: int, shape: tuple[int, int], device: str) -> list[tuple[str, float]]:
     """(method, estimated seconds) for every method of `cfg`, from this machine's earlier runs when there are
-    some (`engine.estimates`), else PRIOR_TRAINED_S / PRIOR_OTHER_S; weak methods are counted once per K."""
+    some (`engine.estimates`), else `prior_seconds`; weak methods are counted once per K."""
     from engine import estimates, registry
     from engine.runner import method_params
 
@@ -67,7 +90,7 @@ def method_costs(cfg: Any, n_train: int, n_test: int, shape: tuple[int, int], de
                                         n_test=n_test, image_size=min(shape), preset=cfg.preset, device=device,
                                         measurements=measured, shape=shape, tile=cfg.tile,
                                         overlap=cfg.tile_overlap)
-        secs = est.seconds if est.seconds is not None else (PRIOR_TRAINED_S if mi.trained else PRIOR_OTHER_S)
+        secs = est.seconds if est.seconds is not None else prior_seconds(name, mi.trained, min(shape), cfg.preset)
         out.append((name, secs * (n_k if mi.supervision == "weak" else 1)))
     return out
 

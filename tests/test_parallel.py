@@ -66,6 +66,29 @@ def test_balance_separates_the_two_long_methods() -> None:
         parallel.balance([("a", 1.0)], 0)
 
 
+def test_a_cold_machine_balances_by_the_reference_seconds(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without measurements here, every unsupervised method has its own prior (a new method must add one), the
+    two reference sizes give back their seconds, and the groups of a cold run split by them."""
+    from engine import estimates, registry
+
+    unsupervised = {m.name for m in registry.available() if m.supervision == "none"}
+    assert unsupervised == set(parallel.PRIOR_FAST_S)
+    for name, (at128, at256) in parallel.PRIOR_FAST_S.items():
+        trained = registry.info(name).trained
+        assert parallel.prior_seconds(name, trained, 128, "fast") == pytest.approx(at128)
+        assert parallel.prior_seconds(name, trained, 256, "fast") == pytest.approx(at256)
+        mid = parallel.prior_seconds(name, trained, 181, "fast")
+        assert min(at128, at256) <= mid <= max(at128, at256)
+    assert parallel.prior_seconds("devnet", True, 256, "fast") == 4 * parallel.prior_seconds("devnet", True, 128,
+                                                                                                "fast")
+    assert parallel.prior_seconds("uniad", True, 128, "quality") == parallel.PRIOR_TRAINED_S  # no reference there
+    monkeypatch.setattr(estimates, "load", lambda: {})
+    cfg = RunConfig(methods=["uninformed_students", "patchcore", "draem", "padim"], image_size=256, preset="fast")
+    costs = dict(parallel.method_costs(cfg, 8, 13, (256, 256), "cpu"))
+    assert costs["uninformed_students"] > costs["draem"] > costs["padim"] > costs["patchcore"]
+    assert parallel.balance(list(costs.items()), 2) == [["uninformed_students"], ["patchcore", "padim", "draem"]]
+
+
 def test_two_workers_give_the_records_of_one_process(tiny: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADLAB_CACHE", str(tmp_path / "cache"))
