@@ -138,6 +138,19 @@ def test_the_blur_matrix_is_a_padded_gaussian_convolution(n: int, reflect: bool)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+def test_an_ssim_loss_trains_after_a_prediction_built_the_blur_matrix() -> None:
+    """The cached blur matrix, first built inside inference mode (an autoencoder's prediction), still serves a
+    training step in the same process (DRAEM's SSIM loss after the autoencoder in one worker failed with
+    "Inference tensors cannot be saved for backward")."""
+    blur_matrix.cache_clear()
+    x = torch.rand(1, 3, 23, 23)
+    with torch.inference_mode():
+        ssim_map(x, x)
+    y = x.clone().requires_grad_()
+    (1 - ssim_map(x, y).mean()).backward()
+    assert y.grad is not None
+
+
 def test_ssim_keeps_its_statistics_in_fp32_under_bf16_autocast() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 32, 32, generator=g)

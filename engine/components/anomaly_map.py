@@ -25,14 +25,17 @@ def blur_matrix(n: int, sigma: float, radius: int | None = None, reflect: bool |
     reflected unless n is not longer than the radius, where reflect=True is refused. Only the band
     |i − j| ≤ radius (plus the folded border) is non-zero. Cached: the caller must not modify it.
     """
-    k = gaussian_kernel1d(sigma, radius, dtype)
-    r = k.numel() // 2
-    if reflect is None:
-        reflect = n > r
-    elif reflect and n <= r:
-        raise ValueError(f"reflect padding of {r} needs more than {r} samples, got {n}")
-    eye = F.pad(torch.eye(n, dtype=dtype)[:, None], (r, r), mode="reflect" if reflect else "replicate")
-    return F.conv1d(eye, k.view(1, 1, -1))[:, 0]  # row i: where sample i lands in each output, (n, n + 2r) → (n, n)
+    # Never an inference tensor, even when first asked for inside torch.inference_mode (a prediction): the cached
+    # matrix also serves training steps (SSIM losses), where autograd must save it for the backward pass.
+    with torch.inference_mode(False):
+        k = gaussian_kernel1d(sigma, radius, dtype)
+        r = k.numel() // 2
+        if reflect is None:
+            reflect = n > r
+        elif reflect and n <= r:
+            raise ValueError(f"reflect padding of {r} needs more than {r} samples, got {n}")
+        eye = F.pad(torch.eye(n, dtype=dtype)[:, None], (r, r), mode="reflect" if reflect else "replicate")
+        return F.conv1d(eye, k.view(1, 1, -1))[:, 0]  # row i: where sample i lands, (n, n + 2r) → (n, n)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
