@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from engine.cache import atomic_write
 from engine.data.limits import Limits, cache_root
 from engine.data.validate import Inspection, inspect_file
 
@@ -90,25 +91,26 @@ def inspect_files(paths: list[tuple[Path, bool]], limits: Limits, root: Path, wo
             out[i] = _from_entry(e)
         if out[i] is None:
             todo.append(i)
-    if not todo:
-        return out  # type: ignore[return-value]
-    started_ns = time.time_ns()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        fresh = list(pool.map(lambda i: inspect(paths[i][0], limits, mask=paths[i][1]), todo))
-    settled_before = started_ns - int(RACY_S * 1e9)
-    added = 0
-    for i, r in zip(todo, fresh, strict=True):
-        out[i] = r
-        ident = idents[i]
-        if r.error is None and ident is not None and max(ident[3], ident[4]) < settled_before:
-            kept[_entry_key(*paths[i])] = _to_entry(ident, r)
-            added += 1
-    if not added:  # e.g. a folder just extracted from an upload: nothing settled yet, nothing written
-        return out  # type: ignore[return-value]
-    try:
-        from engine.cache import atomic_write
+    if todo:
+        started_ns = time.time_ns()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            fresh = list(pool.map(lambda i: inspect(paths[i][0], limits, mask=paths[i][1]), todo))
+        settled_before = started_ns - int(RACY_S * 1e9)
+        added = 0
+        for i, r in zip(todo, fresh, strict=True):
+            out[i] = r
+            ident = idents[i]
+            if r.error is None and ident is not None and max(ident[3], ident[4]) < settled_before:
+                kept[_entry_key(*paths[i])] = _to_entry(ident, r)
+                added += 1
+        if added:  # nothing is written for e.g. a folder just extracted from an upload: nothing settled yet
+            _write(store, kept)
+    return out  # type: ignore[return-value]
 
+
+def _write(store: Path, kept: dict[str, Any]) -> None:
+    """The store, whole; a cache folder that cannot be written is left as it is."""
+    try:
         atomic_write(store, json.dumps({"format": _FORMAT, "files": kept}).encode())
     except OSError:
         pass
-    return out  # type: ignore[return-value]
